@@ -1,0 +1,23 @@
+"""tkfac_jax: TKFAC, a trace-restricted Kronecker-factored natural-gradient optimizer for Flax."""
+
+from tkfac_jax._alias import tkfac
+from tkfac_jax._capture import Statistics
+from tkfac_jax._capture import value_grad_and_stats
+from tkfac_jax._inverses import DampedInverses
+from tkfac_jax._statistics import LayerStatistics
+from tkfac_jax._transform import LayerState
+from tkfac_jax._transform import ScaleByTKFACState
+from tkfac_jax._transform import scale_by_tkfac
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "DampedInverses",
+    "LayerState",
+    "LayerStatistics",
+    "ScaleByTKFACState",
+    "Statistics",
+    "scale_by_tkfac",
+    "tkfac",
+    "value_grad_and_stats",
+)

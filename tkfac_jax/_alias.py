@@ -1,0 +1,76 @@
+"""``tkfac``: the complete optimizer, the way Optax's aliases are built."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import chex
+import jax.numpy as jnp
+import optax
+
+from tkfac_jax import _statistics
+from tkfac_jax import _transform
+
+
+def tkfac(
+    learning_rate: optax.ScalarOrSchedule,
+    damping: chex.Numeric = 1e-3,
+    *,
+    decay: chex.Numeric = 0.95,
+    inverse_every: chex.Numeric = 10,
+    curvature: _statistics.Curvature = "tkfac",
+    pi_damping: bool = False,
+    kl_clip: chex.Numeric | None = 1e-3,
+    momentum: chex.Numeric | None = 0.9,
+    nesterov: bool = False,
+    weight_decay: chex.Numeric | None = None,
+    layers: Sequence[str] | None = None,
+    dtype: Any = jnp.float32,
+) -> optax.GradientTransformationExtraArgs:
+  """TKFAC with KL clipping, momentum, weight decay and a learning rate (or schedule).
+
+  The chain is ``scale_by_tkfac`` (with KL clipping) -> ``add_decayed_weights`` -> ``trace``
+  (heavy-ball momentum) -> ``scale_by_learning_rate``. Weight decay is added after
+  preconditioning, as in SGD.
+
+  Args:
+    learning_rate: a float or an Optax schedule.
+    damping: ``lambda``; see :func:`scale_by_tkfac`.
+    decay: moving-average decay of the curvature statistics.
+    inverse_every: recompute the damped inverses every this many steps.
+    curvature: ``"tkfac"`` or ``"kfac"``.
+    pi_damping: split the damping with the ``pi`` heuristic.
+    kl_clip: ``kappa`` of KL clipping, or ``None`` for no clipping.
+    momentum: heavy-ball momentum, or ``None`` for none.
+    nesterov: Nesterov momentum.
+    weight_decay: coefficient of ``wd * params`` added to the update, or ``None``.
+    layers: which layers to precondition; see :func:`scale_by_tkfac`.
+    dtype: dtype of the factors and inverses.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes ``stats=``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, tkfac_jax
+    >>> tx = tkfac_jax.tkfac(learning_rate=optax.cosine_decay_schedule(0.1, 1000))
+    >>> state = tx.init({'dense': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}})
+  """
+  parts = [
+      _transform.scale_by_tkfac(
+          damping,
+          decay=decay,
+          inverse_every=inverse_every,
+          curvature=curvature,
+          pi_damping=pi_damping,
+          kl_clip=kl_clip,
+          learning_rate=learning_rate if kl_clip is not None else None,
+          layers=layers,
+          dtype=dtype,
+      )
+  ]
+  if weight_decay is not None:
+    parts.append(optax.add_decayed_weights(weight_decay))
+  if momentum is not None:
+    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+  parts.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*parts)

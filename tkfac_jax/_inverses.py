@@ -1,0 +1,98 @@
+"""Damped Kronecker factors and their inverses, computed with XLA's linear algebra."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tkfac_jax import _statistics
+
+_PRECISION = jax.lax.Precision.HIGHEST
+
+
+class DampedInverses(NamedTuple):
+  """``Phi_hat^-1`` and ``Psi_hat^-1`` of one layer."""
+
+  phi: jax.Array
+  psi: jax.Array
+
+
+def scaled_factors(
+    stats: _statistics.LayerStatistics, curvature: _statistics.Curvature
+) -> tuple[jax.Array, jax.Array]:
+  """The two undamped factors whose Kronecker product approximates the Fisher block.
+
+  TKFAC: ``sqrt(delta) Phi`` and ``sqrt(delta) Psi``, so their product is ``delta Psi kron Phi``.
+  K-FAC: ``A`` and ``G``.
+  """
+  if curvature == "kfac":
+    return stats.phi, stats.psi
+  # phi and psi hold delta*Phi and delta*Psi; a layer whose statistics are all zero gives zero.
+  scale = jax.lax.rsqrt(jnp.maximum(stats.delta, jnp.finfo(stats.delta.dtype).tiny))
+  return stats.phi * scale, stats.psi * scale
+
+
+def pi_adjustment(phi: jax.Array, psi: jax.Array) -> jax.Array:
+  """Martens & Grosse (2015) Sec. 6.3: ``pi = sqrt((tr(phi)/d_in) / (tr(psi)/d_out))``."""
+  phi_mean = jnp.trace(phi) / phi.shape[0]
+  psi_mean = jnp.trace(psi) / psi.shape[0]
+  ok = (phi_mean > 0) & (psi_mean > 0)
+  return jnp.where(ok, jnp.sqrt(jnp.where(ok, phi_mean / jnp.where(ok, psi_mean, 1.0), 1.0)), 1.0)
+
+
+def damped_factors(
+    stats: _statistics.LayerStatistics,
+    damping: jax.Array | float,
+    curvature: _statistics.Curvature,
+    pi_damping: bool,
+) -> tuple[jax.Array, jax.Array]:
+  """``Phi_hat`` and ``Psi_hat`` (TKFAC Eqs. 5.14-5.15), ``sqrt(damping)`` split over the two.
+
+  With ``pi_damping`` the split is ``pi * sqrt(damping)`` and ``sqrt(damping) / pi``.
+  """
+  phi, psi = scaled_factors(stats, curvature)
+  phi = 0.5 * (phi + phi.T)
+  psi = 0.5 * (psi + psi.T)
+  root = jnp.sqrt(jnp.asarray(damping, phi.dtype))
+  pi = pi_adjustment(phi, psi) if pi_damping else jnp.ones((), phi.dtype)
+  phi_hat = phi + (pi * root) * jnp.eye(phi.shape[0], dtype=phi.dtype)
+  psi_hat = psi + (root / pi) * jnp.eye(psi.shape[0], dtype=psi.dtype)
+  return phi_hat, psi_hat
+
+
+def spd_inverse(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Inverse of a symmetric positive-definite matrix through its Cholesky factor.
+
+  Returns the inverse and whether it is usable (the factorisation succeeded and is finite): a
+  matrix that is not positive definite gives NaNs in XLA's Cholesky, never an exception.
+  """
+  chol = jnp.linalg.cholesky(matrix)
+  eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
+  inv_chol = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+  inverse = jnp.matmul(inv_chol.T, inv_chol, precision=_PRECISION)
+  return inverse, jnp.all(jnp.isfinite(inverse))
+
+
+def damped_inverses(
+    stats: _statistics.LayerStatistics,
+    damping: jax.Array | float,
+    curvature: _statistics.Curvature,
+    pi_damping: bool,
+    previous: DampedInverses,
+) -> DampedInverses:
+  """``Phi_hat^-1`` and ``Psi_hat^-1``; keeps ``previous`` if either factor is not invertible."""
+  phi_hat, psi_hat = damped_factors(stats, damping, curvature, pi_damping)
+  phi_inv, phi_ok = spd_inverse(phi_hat)
+  psi_inv, psi_ok = spd_inverse(psi_hat)
+  ok = phi_ok & psi_ok
+  return DampedInverses(
+      phi=jnp.where(ok, phi_inv, previous.phi), psi=jnp.where(ok, psi_inv, previous.psi)
+  )
+
+
+def precondition(inverses: DampedInverses, grad: jax.Array) -> jax.Array:
+  """``Phi_hat^-1 G Psi_hat^-1`` for a ``(d_in[+1], d_out)`` gradient block ``G``."""
+  left = jnp.matmul(inverses.phi, grad, precision=_PRECISION)
+  return jnp.matmul(left, inverses.psi, precision=_PRECISION)

@@ -1,0 +1,83 @@
+"""Per-layer factor statistics: the maths of TKFAC's Phi, Psi and delta (and K-FAC's A and G).
+
+A layer seen at ``T`` locations per example contributes pairs ``(a_nt, g_nt)``: ``a`` the layer
+input with the bias folded in as a homogeneous coordinate, ``g = dl_n/dy`` the per-example output
+gradient. Everything here reduces those pairs to small matrices inside the step, so that no
+per-example activation leaves it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Curvature = Literal["tkfac", "kfac"]
+CURVATURES = ("tkfac", "kfac")
+
+# The statistics are float32 sums of many products; on accelerators the default matmul
+# precision can be bfloat16, which would make the factors too noisy to invert.
+_PRECISION = jax.lax.Precision.HIGHEST
+
+
+class LayerStatistics(NamedTuple):
+  """One layer's curvature statistics for one batch (or their running average).
+
+  TKFAC mode (paper Eq. 4.9), stored un-normalised so that averages keep trace 1 exactly:
+
+  .. math::
+    \\phi = E_n \\sum_t |g_{nt}|^2 a_{nt} a_{nt}^T = \\delta\\,\\Phi, \\quad
+    \\psi = E_n \\sum_t |a_{nt}|^2 g_{nt} g_{nt}^T = \\delta\\,\\Psi, \\quad
+    \\delta = E_n \\sum_t |a_{nt}|^2 |g_{nt}|^2.
+
+  K-FAC mode: ``phi = A = E_n sum_t a a^T`` and ``psi = G = (1/T) E_n sum_t g g^T``; ``delta`` is
+  still the TKFAC trace (the exact Fisher block's trace when ``T = 1``), kept for diagnostics.
+
+  Attributes:
+    phi: ``(d_in + 1, d_in + 1)`` with a bias (``(d_in, d_in)`` without), input-side factor.
+    psi: ``(d_out, d_out)``, output-side factor.
+    delta: scalar, the trace of the Fisher block.
+  """
+
+  phi: jax.Array
+  psi: jax.Array
+  delta: jax.Array
+
+
+def homogeneous(x: jax.Array) -> jax.Array:
+  """Appends the constant 1 that folds a bias into the kernel: ``a = [x, 1]``."""
+  return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
+
+
+def dense_statistics(
+    a: jax.Array, g: jax.Array, curvature: Curvature = "tkfac"
+) -> LayerStatistics:
+  """Reduces a dense layer's inputs and per-example output gradients to factor statistics.
+
+  Args:
+    a: ``[B, T, d_in]`` layer inputs (already augmented with the homogeneous 1 if the layer has a
+      bias), ``T`` locations per example.
+    g: ``[B, T, d_out]`` per-example output gradients ``dl_n/dy_nt`` (that is ``B`` times the
+      gradient of the mean loss).
+    curvature: ``"tkfac"`` for TKFAC's weighted factors, ``"kfac"`` for K-FAC's.
+
+  Returns:
+    The batch's :class:`LayerStatistics`.
+  """
+  batch, locations = a.shape[0], a.shape[1]
+  a = a.reshape(-1, a.shape[-1]).astype(jnp.float32)
+  g = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
+  a_sq = jnp.sum(a * a, axis=-1)
+  g_sq = jnp.sum(g * g, axis=-1)
+  delta = jnp.sum(a_sq * g_sq) / batch
+  if curvature == "tkfac":
+    # Each example's outer product is weighted by the other side's squared norm.
+    phi = jnp.matmul((a * g_sq[:, None]).T, a, precision=_PRECISION) / batch
+    psi = jnp.matmul((g * a_sq[:, None]).T, g, precision=_PRECISION) / batch
+  elif curvature == "kfac":
+    phi = jnp.matmul(a.T, a, precision=_PRECISION) / batch
+    psi = jnp.matmul(g.T, g, precision=_PRECISION) / (batch * locations)
+  else:
+    raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+  return LayerStatistics(phi=phi, psi=psi, delta=delta)

@@ -1,0 +1,351 @@
+"""``scale_by_tkfac``: the TKFAC preconditioner as an Optax gradient transformation."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from tkfac_jax import _capture
+from tkfac_jax import _inverses
+from tkfac_jax import _statistics
+from tkfac_jax import _tree
+
+_MISSING = object()
+
+
+class LayerState(NamedTuple):
+  """The running curvature of one layer.
+
+  Attributes:
+    statistics: exponential moving averages of the batch :class:`LayerStatistics` (the
+      un-normalised numerators and ``delta``; ``Phi = phi / delta``).
+    count: how many batches have been folded in (skipped non-finite batches do not count).
+    inverses: the damped inverses ``Phi_hat^-1`` and ``Psi_hat^-1`` in use (identity until the
+      layer's first statistics arrive).
+  """
+
+  statistics: _statistics.LayerStatistics
+  count: jax.Array
+  inverses: _inverses.DampedInverses
+
+
+class ScaleByTKFACState(NamedTuple):
+  """State of :func:`scale_by_tkfac`.
+
+  Attributes:
+    count: number of updates taken.
+    layers: nested dict mirroring ``params``: at each preconditioned layer's parameter node, its
+      :class:`LayerState`.
+    kl_scale: the factor the last update was scaled by for KL clipping (1 without clipping).
+  """
+
+  count: jax.Array
+  layers: Any
+  kl_scale: jax.Array
+
+
+def _is_layer_state(x) -> bool:
+  return isinstance(x, LayerState)
+
+
+def _is_layer_stats(x) -> bool:
+  return isinstance(x, _statistics.LayerStatistics)
+
+
+def _check_concrete(name: str, value: Any, ok, requirement: str) -> None:
+  """Validates a hyperparameter at trace time when it is a concrete value (not under a tracer)."""
+  if value is None or callable(value):
+    return
+  try:
+    value = float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return  # Traced, for example under optax.inject_hyperparams: nothing to check statically.
+  if not ok(value):
+    raise ValueError(f"{name} must be {requirement}, got {value!r}.")
+
+
+def _layer_blocks(tree: Any, layer_paths, what: str) -> dict[_tree.Path, dict[str, Any]]:
+  """The kernel (and bias) leaves of each layer in ``tree``, with clear errors if absent."""
+  flat = _tree.flatten_with_paths(tree)
+  blocks = {}
+  for path in layer_paths:
+    if path + ("kernel",) not in flat:
+      raise ValueError(
+          f"The {what} have no 'kernel' at '{_tree.path_str(path)}', a layer the optimizer state "
+          f"was initialised with. Pass {what} with the structure of the params given to init()."
+      )
+    blocks[path] = {k: flat[path + (k,)] for k in ("kernel", "bias") if path + (k,) in flat}
+  return blocks
+
+
+def _augmented(block: dict[str, jax.Array]) -> jax.Array:
+  """``[W; b]``: the ``(d_in + 1, d_out)`` block with the bias as the last row."""
+  kernel = block["kernel"].astype(jnp.float32)
+  if "bias" not in block:
+    return kernel
+  return jnp.concatenate([kernel, block["bias"].astype(jnp.float32)[None, :]], axis=0)
+
+
+def _split(matrix: jax.Array, block: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  out = {"kernel": matrix[: block["kernel"].shape[0]].astype(block["kernel"].dtype)}
+  if "bias" in block:
+    out["bias"] = matrix[-1].astype(block["bias"].dtype)
+  return out
+
+
+def _fold_in(
+    layer: LayerState, batch: _statistics.LayerStatistics, decay
+) -> tuple[LayerState, jax.Array]:
+  """One exponential-moving-average step; a batch with NaN/Inf statistics is skipped."""
+  finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in batch]))
+  first = layer.count == 0
+  statistics = jax.tree.map(
+      lambda old, new: jnp.where(
+          finite,
+          jnp.where(first, new, decay * old + (1 - decay) * new).astype(old.dtype),
+          old,
+      ),
+      layer.statistics,
+      batch,
+  )
+  count = layer.count + finite.astype(layer.count.dtype)
+  return layer._replace(statistics=statistics, count=count), first & finite
+
+
+def scale_by_tkfac(
+    damping: chex.Numeric = 1e-3,
+    *,
+    decay: chex.Numeric = 0.95,
+    inverse_every: chex.Numeric = 10,
+    curvature: _statistics.Curvature = "tkfac",
+    pi_damping: bool = False,
+    kl_clip: chex.Numeric | None = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    layers: Sequence[str] | None = None,
+    dtype: Any = jnp.float32,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Preconditions dense layers' gradients with TKFAC's damped Kronecker-factored Fisher.
+
+  For each captured layer with gradient block ``G = [dW; db]`` (bias as the last row):
+
+  .. math::
+    \hat\Phi = \sqrt{\delta}\,\Phi + \sqrt{\lambda} I, \quad
+    \hat\Psi = \sqrt{\delta}\,\Psi + \sqrt{\lambda} I, \quad
+    U = \hat\Phi^{-1} G \hat\Psi^{-1}
+
+  (TKFAC Eqs. 4.9, 5.14-5.15), where ``delta``, ``Phi`` and ``Psi`` are exponential moving averages
+  of the statistics from :func:`value_grad_and_stats`. Parameters of other layers pass through
+  unchanged. The inverses are recomputed every ``inverse_every`` steps inside the update (with
+  ``lax.cond``), and as soon as a layer's first statistics arrive.
+
+  The update takes the keyword-only extra argument ``stats``: the statistics of this step, or
+  ``None`` to take a step with the curvature already in the state. Omitting it raises, so that
+  forgetting the statistics is never silent. A layer whose batch statistics contain NaN or Inf
+  keeps its previous factors, and a damped factor that cannot be inverted keeps the previous
+  inverse, so bad statistics never reach the parameters.
+
+  Args:
+    damping: ``lambda``, the Tikhonov damping, split as ``sqrt(lambda)`` over the two factors.
+    decay: ``eps`` of the moving averages ``X <- eps X + (1 - eps) X_batch``; the first batch
+      initialises them.
+    inverse_every: recompute the damped inverses every this many steps.
+    curvature: ``"tkfac"`` (trace-restricted factors) or ``"kfac"`` (K-FAC's ``A`` and ``G``, for
+      ablations). Statistics must be captured with the same ``curvature``.
+    pi_damping: split the damping with Martens & Grosse's ``pi`` instead of evenly.
+    kl_clip: if set, ``kappa`` of KL clipping: every preconditioned block is scaled by
+      ``min(1, sqrt(kappa / (lr^2 sum_l <U_l, G_l>)))``. Needs ``learning_rate``.
+    learning_rate: the learning rate (or schedule) applied later in the chain; used only by
+      ``kl_clip``.
+    layers: paths (``"encoder/Dense_0"``) of the layers to precondition. Default: every parameter
+      node with a 2-D ``kernel``.
+    dtype: dtype of the factors and inverses.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, tkfac_jax
+    >>> params = {'dense': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
+    >>> tx = optax.chain(tkfac_jax.scale_by_tkfac(damping=1e-2), optax.scale(-0.1))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params, stats=None)
+
+  References:
+    Gao et al., `A Trace-restricted Kronecker-Factored Approximation to Natural Gradient
+    <https://arxiv.org/abs/2011.10741>`_, AAAI 2021.
+  """
+  if curvature not in _statistics.CURVATURES:
+    raise ValueError(f"curvature must be one of {_statistics.CURVATURES}, got {curvature!r}.")
+  _check_concrete("damping", damping, lambda v: v >= 0, "non-negative")
+  _check_concrete("decay", decay, lambda v: 0 <= v < 1, "in [0, 1)")
+  _check_concrete(
+      "inverse_every", inverse_every, lambda v: int(v) == v and v >= 1, "a positive integer"
+  )
+  _check_concrete("kl_clip", kl_clip, lambda v: v > 0, "positive (or None to disable)")
+  if kl_clip is not None and learning_rate is None:
+    raise ValueError("kl_clip needs learning_rate: pass the learning rate (or schedule) used.")
+  selected = None if layers is None else {tuple(p.split("/")): p for p in layers}
+
+  def find_layers(params) -> dict[_tree.Path, dict[str, Any]]:
+    found = _tree.dense_layers(params)
+    if selected is None:
+      if not found:
+        raise ValueError(
+            "scale_by_tkfac found no layer to precondition in params: it looks for parameter "
+            "nodes with a 2-D 'kernel' (flax.linen.Dense)."
+        )
+      return found
+    all_nodes = {path: node for path, node in found.items()}
+    missing = [name for path, name in selected.items() if path not in all_nodes]
+    if missing:
+      raise ValueError(
+          f"layers={list(selected.values())} names {missing}, which are not dense layers of "
+          f"params; dense layers found: {[_tree.path_str(p) for p in found]}."
+      )
+    return {path: all_nodes[path] for path in selected}
+
+  def init_fn(params):
+    layer_states = {}
+    for path, node in find_layers(params).items():
+      d_out = node["kernel"].shape[1]
+      d_in = node["kernel"].shape[0] + ("bias" in node)
+      if "bias" in node and tuple(node["bias"].shape) != (d_out,):
+        raise ValueError(
+            f"Layer '{_tree.path_str(path)}' has a bias of shape {node['bias'].shape} for a kernel "
+            f"of shape {node['kernel'].shape}; expected ({d_out},)."
+        )
+      layer_states[path] = LayerState(
+          statistics=_statistics.LayerStatistics(
+              phi=jnp.zeros((d_in, d_in), dtype),
+              psi=jnp.zeros((d_out, d_out), dtype),
+              delta=jnp.zeros((), dtype),
+          ),
+          count=jnp.zeros((), jnp.int32),
+          inverses=_inverses.DampedInverses(
+              phi=jnp.eye(d_in, dtype=dtype), psi=jnp.eye(d_out, dtype=dtype)
+          ),
+      )
+    return ScaleByTKFACState(
+        count=jnp.zeros((), jnp.int32),
+        layers=_tree.nest(layer_states),
+        kl_scale=jnp.ones((), jnp.float32),
+    )
+
+  def batch_statistics(stats, layer_states) -> dict[_tree.Path, _statistics.LayerStatistics]:
+    """Validates this step's statistics against the state (all checks are static)."""
+    if not isinstance(stats, _capture.Statistics):
+      raise TypeError(
+          "stats must be the statistics returned by tkfac_jax.value_grad_and_stats (or None to "
+          f"step without new statistics), got {type(stats).__name__}."
+      )
+    if stats.curvature != curvature:
+      raise ValueError(
+          f"stats were captured with curvature={stats.curvature!r} but the optimizer uses "
+          f"curvature={curvature!r}; pass the same value to value_grad_and_stats."
+      )
+    flat = _tree.flatten_with_paths(stats.layers, is_leaf=_is_layer_stats)
+    missing = [_tree.path_str(p) for p in layer_states if p not in flat]
+    if missing:
+      raise ValueError(
+          f"No statistics for layer(s) {missing}, which the optimizer state expects. Each must be "
+          "a flax.linen.Dense applied by the loss to the differentiated params (not cast or "
+          "transformed inside the loss); to leave a layer out, pass scale_by_tkfac(layers=[...])."
+      )
+    if selected is None:
+      unknown = [_tree.path_str(p) for p in flat if p not in layer_states]
+      if unknown:
+        raise ValueError(
+            f"Statistics for layer(s) {unknown}, which the optimizer state does not have: were "
+            "they captured from another model than the params given to init()?"
+        )
+    for path, layer in layer_states.items():
+      got = tuple(tuple(jnp.shape(x)) for x in flat[path])
+      want = tuple(tuple(x.shape) for x in layer.statistics)
+      if got != want:
+        raise ValueError(
+            f"Statistics for layer '{_tree.path_str(path)}' have shapes {got} but the optimizer "
+            f"state has {want}: they come from a layer of another size (another model?)."
+        )
+    return {path: flat[path] for path in layer_states}
+
+  def update_fn(updates, state, params=None, *, stats=_MISSING):
+    if stats is _MISSING:
+      raise ValueError(
+          "scale_by_tkfac's update needs the keyword argument stats: pass the statistics from "
+          "tkfac_jax.value_grad_and_stats, or stats=None to step with the curvature already in "
+          "the state."
+      )
+    layer_states = _tree.flatten_with_paths(state.layers, is_leaf=_is_layer_state)
+    grads = _layer_blocks(updates, layer_states, "updates")
+    for path, layer in layer_states.items():
+      got = _augmented_shape(grads[path])
+      want = (layer.statistics.phi.shape[0], layer.statistics.psi.shape[0])
+      if got != want:
+        raise ValueError(
+            f"The gradient of layer '{_tree.path_str(path)}' has [kernel; bias] shape {got} but the "
+            f"optimizer state was initialised for {want}: params do not match the state."
+        )
+    if params is not None:
+      _layer_blocks(params, layer_states, "params")
+
+    step = state.count
+    first_seen = jnp.zeros((), bool)
+    if stats is not None:
+      batch = batch_statistics(stats, layer_states)
+      for path in layer_states:
+        layer_states[path], first = _fold_in(layer_states[path], batch[path], decay)
+        first_seen = first_seen | first
+
+    def refresh(layer_states):
+      return {
+          path: layer._replace(
+              inverses=jax.tree.map(
+                  lambda new, old: jnp.where(layer.count > 0, new, old),
+                  _inverses.damped_inverses(
+                      layer.statistics, damping, curvature, pi_damping, layer.inverses
+                  ),
+                  layer.inverses,
+              )
+          )
+          for path, layer in layer_states.items()
+      }
+
+    layer_states = jax.lax.cond(
+        (step % inverse_every == 0) | first_seen, refresh, lambda s: s, layer_states
+    )
+
+    grad_blocks = {path: _augmented(block) for path, block in grads.items()}
+    preconditioned = {
+        path: _inverses.precondition(layer.inverses, grad_blocks[path])
+        for path, layer in layer_states.items()
+    }
+    kl_scale = jnp.ones((), jnp.float32)
+    if kl_clip is not None:
+      lr = learning_rate(step) if callable(learning_rate) else learning_rate
+      vg = sum(jnp.sum(u * grad_blocks[p]) for p, u in preconditioned.items()) * lr**2
+      kl_scale = jnp.where(vg > 0, jnp.minimum(1.0, jnp.sqrt(kl_clip / jnp.where(vg > 0, vg, 1.0))), 1.0)
+      preconditioned = {p: u * kl_scale for p, u in preconditioned.items()}
+
+    flat_updates = _tree.flatten_with_paths(updates)
+    for path, u in preconditioned.items():
+      for name, value in _split(u, grads[path]).items():
+        flat_updates[path + (name,)] = value
+    treedef = jax.tree.structure(updates)
+    new_updates = jax.tree.unflatten(treedef, list(flat_updates.values()))
+    new_state = ScaleByTKFACState(
+        count=optax.safe_increment(step),
+        layers=_tree.nest(layer_states),
+        kl_scale=kl_scale.astype(jnp.float32),
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _augmented_shape(block: dict[str, Any]) -> tuple[int, int]:
+  d_in, d_out = block["kernel"].shape
+  return (d_in + ("bias" in block), d_out)

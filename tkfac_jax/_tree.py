@@ -1,0 +1,63 @@
+"""Layer paths: how statistics, optimizer state and parameters are matched to each other."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable
+
+import jax
+
+Path = tuple[Hashable, ...]
+
+
+def plain_key(entry: Any) -> Hashable:
+  """The dict key, sequence index or attribute name of one jax key-path entry."""
+  for attr in ("key", "idx", "name"):
+    if hasattr(entry, attr):
+      return getattr(entry, attr)
+  return str(entry)
+
+
+def plain_path(keypath) -> Path:
+  return tuple(plain_key(k) for k in keypath)
+
+
+def path_str(path: Path) -> str:
+  return "/".join(str(k) for k in path) or "<root>"
+
+
+def flatten_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict[Path, Any]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  return {plain_path(kp): leaf for kp, leaf in leaves}
+
+
+def nest(flat: dict[Path, Any]) -> Any:
+  """Builds the nested dict whose leaf at ``path`` is ``flat[path]``.
+
+  The empty path is the root: ``{(): x}`` nests to ``x`` itself, as a params tree that is one
+  layer's own node has that layer's entry at its root.
+  """
+  if () in flat:
+    return flat[()]
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return out
+
+
+def dense_layers(params: Any) -> dict[Path, dict[str, jax.ShapeDtypeStruct]]:
+  """Finds the parameter nodes that look like a dense layer: a 2-D ``kernel``, maybe a ``bias``.
+
+  Returns a mapping from the node's path to its ``{'kernel': ..., 'bias': ...}`` leaves.
+  """
+  layers: dict[Path, dict[str, Any]] = {}
+  for path, leaf in flatten_with_paths(params).items():
+    if path and path[-1] in ("kernel", "bias"):
+      layers.setdefault(path[:-1], {})[path[-1]] = leaf
+  return {
+      path: node
+      for path, node in layers.items()
+      if "kernel" in node and getattr(node["kernel"], "ndim", 0) == 2
+  }
