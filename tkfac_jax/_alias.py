@@ -25,7 +25,7 @@ def tkfac(
     nesterov: bool = False,
     weight_decay: chex.Numeric | None = None,
     layers: Sequence[str] | None = None,
-    dtype: Any = jnp.float32,
+    dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """TKFAC with KL clipping, momentum, weight decay and a learning rate (or schedule).
 
@@ -45,7 +45,7 @@ def tkfac(
     nesterov: Nesterov momentum.
     weight_decay: coefficient of ``wd * params`` added to the update, or ``None``.
     layers: which layers to precondition; see :func:`scale_by_tkfac`.
-    dtype: dtype of the factors and inverses.
+    dtype: dtype of the factors and inverses; ``None`` means float32.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes ``stats=``.

@@ -126,7 +126,7 @@ def scale_by_tkfac(
     kl_clip: chex.Numeric | None = None,
     learning_rate: optax.ScalarOrSchedule | None = None,
     layers: Sequence[str] | None = None,
-    dtype: Any = jnp.float32,
+    dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions dense layers' gradients with TKFAC's damped Kronecker-factored Fisher.
 
@@ -162,7 +162,8 @@ def scale_by_tkfac(
       ``kl_clip``.
     layers: paths (``"encoder/Dense_0"``) of the layers to precondition. Default: every parameter
       node with a 2-D ``kernel``.
-    dtype: dtype of the factors and inverses.
+    dtype: dtype of the factors and inverses; ``None`` means float32. (A dtype default would be
+      taken for a schedule by ``optax.inject_hyperparams``, which treats callables as schedules.)
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -189,6 +190,7 @@ def scale_by_tkfac(
   if kl_clip is not None and learning_rate is None:
     raise ValueError("kl_clip needs learning_rate: pass the learning rate (or schedule) used.")
   selected = None if layers is None else {tuple(p.split("/")): p for p in layers}
+  dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
 
   def find_layers(params) -> dict[_tree.Path, dict[str, Any]]:
     found = _tree.dense_layers(params)

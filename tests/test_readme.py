@@ -1,0 +1,31 @@
+"""The README's quickstart runs as pasted, and CI runs the README's test command."""
+
+import pathlib
+import re
+import runpy
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(language):
+  return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def test_quickstart_runs_and_trains(tmp_path, capsys):
+  """The first Python block of the README runs unchanged, and its loss falls as it says."""
+  script = tmp_path / "quickstart.py"
+  script.write_text(_blocks("python")[0])
+  runpy.run_path(str(script), run_name="__main__")
+  losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", capsys.readouterr().out)]
+  assert len(losses) == 5
+  assert losses[-1] < 0.05 * losses[0]
+
+
+def test_ci_runs_the_readme_test_command():
+  """.ci/run runs exactly the command the README gives for the tests."""
+  test_line = next(b for b in _blocks("bash") if "pytest" in b).strip()
+  command = test_line.split("&&")[-1].strip()
+  ci = (ROOT / ".ci" / "run").read_text()
+  assert f'TEST_COMMAND="{command}"' in ci
+  assert "$TEST_COMMAND" in ci
