@@ -157,7 +157,8 @@ def scale_by_tkfac(
       ablations). Statistics must be captured with the same ``curvature``.
     pi_damping: split the damping with Martens & Grosse's ``pi`` instead of evenly.
     kl_clip: if set, ``kappa`` of KL clipping: every preconditioned block is scaled by
-      ``min(1, sqrt(kappa / (lr^2 sum_l <U_l, G_l>)))``. Needs ``learning_rate``.
+      ``nu = min(1, sqrt(kappa / (lr^2 sum_l <U_l, G_l>)))``, which bounds the step's predicted KL
+      divergence ``nu^2 lr^2 sum_l <U_l, G_l>`` by ``kappa``. Needs ``learning_rate``.
     learning_rate: the learning rate (or schedule) applied later in the chain; used only by
       ``kl_clip``.
     layers: paths (``"encoder/Dense_0"``) of the layers to precondition. Default: every parameter
@@ -251,19 +252,23 @@ def scale_by_tkfac(
       )
     flat = _tree.flatten_with_paths(stats.layers, is_leaf=_is_layer_stats)
     missing = [_tree.path_str(p) for p in layer_states if p not in flat]
+    unknown = [] if selected is not None else [
+        _tree.path_str(p) for p in flat if p not in layer_states
+    ]
+    if unknown:
+      also = f", and none for {missing}, which it expects" if missing else ""
+      raise ValueError(
+          f"Statistics for layer(s) {unknown}, which the optimizer state does not have{also}: "
+          "were they captured from another model than the params given to init()?"
+      )
     if missing:
       raise ValueError(
-          f"No statistics for layer(s) {missing}, which the optimizer state expects. Each must be "
-          "a flax.linen.Dense applied by the loss to the differentiated params (not cast or "
-          "transformed inside the loss); to leave a layer out, pass scale_by_tkfac(layers=[...])."
+          f"No statistics for layer(s) {missing}, which the optimizer state expects. Only "
+          "flax.linen.Dense layers applied by the loss to the differentiated params are "
+          "captured (not nn.DenseGeneral, not layers under nn.remat, nn.scan or jax.vmap, not "
+          "kernels cast or transformed inside the loss); to leave a layer out of the "
+          "preconditioner, pass scale_by_tkfac(layers=[...]) with the layers to keep."
       )
-    if selected is None:
-      unknown = [_tree.path_str(p) for p in flat if p not in layer_states]
-      if unknown:
-        raise ValueError(
-            f"Statistics for layer(s) {unknown}, which the optimizer state does not have: were "
-            "they captured from another model than the params given to init()?"
-        )
     for path, layer in layer_states.items():
       got = tuple(tuple(jnp.shape(x)) for x in flat[path])
       want = tuple(tuple(x.shape) for x in layer.statistics)
