@@ -190,7 +190,7 @@ def test_updates_of_another_size_name_the_layer(setup):
   }
   with pytest.raises(ValueError, match="Dense_1") as info:
     tx.update(wrong, state, params, stats=None)
-  assert "(7, 5)" in str(info.value) and "(7, 3)" in str(info.value)
+  assert "(6, 5)" in str(info.value) and "(3, 3)" in str(info.value)
 
 
 def test_init_rejects_params_without_dense_layers():

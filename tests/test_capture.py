@@ -59,11 +59,11 @@ def _assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
 
 
 def _assert_stats_fit_params(stats, params, dense_paths):
-  """Statistics sit exactly at the Dense nodes, sized by those nodes' kernel (and bias)."""
+  """Statistics sit exactly at the layer nodes, sized by those nodes' kernel (and bias)."""
   assert _stats_paths(stats) == set(dense_paths)
   for path in dense_paths:
     node, layer = _node(params, path), _node(stats.layers, path)
-    d_in, d_out = node["kernel"].shape
+    d_in, d_out = int(np.prod(node["kernel"].shape[:-1])), node["kernel"].shape[-1]
     d_in += "bias" in node
     assert layer.phi.shape == (d_in, d_in)
     assert layer.psi.shape == (d_out, d_out)
@@ -202,8 +202,8 @@ def test_matches_value_and_grad_and_mirrors_params(model, dense_paths):
   _assert_stats_fit_params(stats, params, dense_paths)
 
 
-def test_conv_and_layernorm_get_grads_but_no_stats():
-  """Conv and LayerNorm parameters are differentiated as usual; only Dense layers are captured."""
+def test_conv_and_layernorm_get_grads_but_layernorm_no_stats():
+  """Conv and LayerNorm parameters are differentiated as usual; LayerNorm is not captured."""
   x, y = _normal(0, (BATCH, 5, 5, 2)), _normal(1, (BATCH, 3))
   model = ConvNorm()
   params = _init(model, x)["params"]
@@ -213,7 +213,7 @@ def test_conv_and_layernorm_get_grads_but_no_stats():
   _assert_trees_close(grads, ref_grads)
   assert np.abs(grads["Conv_0"]["kernel"]).sum() > 0
   assert np.abs(grads["LayerNorm_0"]["scale"]).sum() > 0
-  _assert_stats_fit_params(stats, params, [("Dense_0",), ("Dense_1",)])
+  _assert_stats_fit_params(stats, params, [("Conv_0",), ("Dense_0",), ("Dense_1",)])
 
 
 def test_several_locations_and_shared_weights():

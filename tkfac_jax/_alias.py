@@ -20,10 +20,12 @@ def tkfac(
     inverse_every: chex.Numeric = 10,
     curvature: _statistics.Curvature = "tkfac",
     pi_damping: bool = False,
+    conv_damping_floor: chex.Numeric | None = None,
     kl_clip: chex.Numeric | None = 1e-3,
     momentum: chex.Numeric | None = 0.9,
     nesterov: bool = False,
     weight_decay: chex.Numeric | None = None,
+    fallback: optax.GradientTransformation | None = None,
     layers: Sequence[str] | None = None,
     dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -31,7 +33,10 @@ def tkfac(
 
   The chain is ``scale_by_tkfac`` (with KL clipping) -> ``add_decayed_weights`` -> ``trace``
   (heavy-ball momentum) -> ``scale_by_learning_rate``. Weight decay is added after
-  preconditioning, as in SGD.
+  preconditioning, as in SGD, and momentum accumulates the clipped updates.
+
+  The paper's configuration for CNNs is normal damping for dense layers and the trace-based damping
+  for convolutions: ``tkfac(lr, damping=..., conv_damping_floor=nu)``.
 
   Args:
     learning_rate: a float or an Optax schedule.
@@ -40,10 +45,15 @@ def tkfac(
     inverse_every: recompute the damped inverses every this many steps.
     curvature: ``"tkfac"`` or ``"kfac"``.
     pi_damping: split the damping with the ``pi`` heuristic.
+    conv_damping_floor: ``nu`` of TKFAC's damping for convolutions,
+      ``lambda_l = max(delta_l, nu) / (d_in d_out)``; ``None`` uses ``damping`` everywhere.
     kl_clip: ``kappa`` of KL clipping, or ``None`` for no clipping.
     momentum: heavy-ball momentum, or ``None`` for none.
     nesterov: Nesterov momentum.
     weight_decay: coefficient of ``wd * params`` added to the update, or ``None``.
+    fallback: transformation for the parameters that are not preconditioned (norm layers, and
+      layers that cannot be captured), for example ``optax.scale_by_adam()``; momentum, weight
+      decay and the learning rate still apply after it. ``None``: their plain gradient.
     layers: which layers to precondition; see :func:`scale_by_tkfac`.
     dtype: dtype of the factors and inverses; ``None`` means float32.
 
@@ -62,8 +72,10 @@ def tkfac(
           inverse_every=inverse_every,
           curvature=curvature,
           pi_damping=pi_damping,
+          conv_damping_floor=conv_damping_floor,
           kl_clip=kl_clip,
           learning_rate=learning_rate if kl_clip is not None else None,
+          fallback=fallback,
           layers=layers,
           dtype=dtype,
       )

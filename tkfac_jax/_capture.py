@@ -1,6 +1,6 @@
 """Capturing layer inputs and output gradients from a Flax (linen) model inside the train step.
 
-A method interceptor (``flax.linen.intercept_methods``) sees every ``nn.Dense`` call the loss makes.
+A method interceptor (``flax.linen.intercept_methods``) sees every layer call the loss makes.
 It records the layer's input and adds a zero "perturbation" to its output; the gradient of the loss
 with respect to that perturbation is the layer's output gradient ``dL/dy``. The user's model is
 not changed, and the whole thing traces into the user's jitted step.
@@ -21,7 +21,9 @@ from tkfac_jax import _tree
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["layers"], meta_fields=["curvature"]
+    jax.tree_util.register_dataclass,
+    data_fields=["layers"],
+    meta_fields=["curvature", "skipped"],
 )
 @dataclasses.dataclass(frozen=True)
 class Statistics:
@@ -33,63 +35,161 @@ class Statistics:
       ``params['Dense_0']``) a :class:`LayerStatistics`.
     curvature: ``"tkfac"`` or ``"kfac"``, which factors these are; the optimizer checks that it
       was built for the same.
+    skipped: ``(path, reason)`` for every layer of the differentiated parameters that the loss
+      applied but that is not captured (a grouped convolution, a custom module, ...). The
+      optimizer sends their parameters to its fallback.
   """
 
-  layers: dict
+  layers: Any
   curvature: str = "tkfac"
+  skipped: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class _Call:
   """What the shape-only pass learns about one call of a captured layer."""
 
+  kind: str  # "dense" (Dense, DenseGeneral, Conv: patches times kernel) or "embed".
   input_shape: tuple[int, ...]
   output: jax.ShapeDtypeStruct
   use_bias: bool
   module_path: str
+  num_embeddings: int = 0
 
 
-def _kernel_owners(diff_args: Any) -> dict[int, _tree.Path]:
-  """Maps the id of every ``kernel`` leaf of the differentiated arguments to its layer's path."""
+_PARAM_NAMES = ("kernel", "embedding")
+
+
+def _param_owners(diff_args: Any) -> dict[int, _tree.Path]:
+  """Maps the id of every ``kernel``/``embedding`` leaf of the differentiated arguments to the
+  path of its layer's parameter node."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(diff_args)
   return {
       id(leaf): _tree.plain_path(keypath)[:-1]
       for keypath, leaf in leaves
-      if keypath and _tree.plain_key(keypath[-1]) == "kernel"
+      if keypath and _tree.plain_key(keypath[-1]) in _PARAM_NAMES
   }
 
 
-def _interceptor(owners, perturbations, calls, inputs_seen):
-  """Records each captured ``nn.Dense`` call and perturbs its output.
+def _owned_layer(module: nn.Module, owners) -> tuple[_tree.Path | None, jax.Array | None]:
+  for name in _PARAM_NAMES:
+    if module.has_variable("params", name):
+      value = module.get_variable("params", name)
+      if id(value) in owners:
+        return owners[id(value)], value
+  return None, None
 
-  ``calls`` receives the static description of each call, ``inputs_seen`` its input array.
+
+def _batch_size(module_path: str, x: jax.Array, min_ndim: int) -> int:
+  if jnp.ndim(x) < min_ndim:
+    raise ValueError(
+        f"Layer '{module_path}' got an input of shape {jnp.shape(x)}: curvature statistics need "
+        "a leading batch axis. Apply the model to the whole batch inside the loss (do not "
+        "jax.vmap the model over examples)."
+    )
+  return x.shape[0]
+
+
+def _unsupported(module: nn.Module, method: str) -> str | None:
+  """Why a layer that owns differentiated parameters cannot be captured, or None if it can."""
+  name = type(module).__name__
+  if method != "__call__":
+    return f"{name}.{method} is applied (for example weight tying); only __call__ is captured"
+  if isinstance(module, nn.Conv):
+    if module.feature_group_count != 1:
+      return (
+          f"grouped convolution (feature_group_count={module.feature_group_count}) is not "
+          "preconditioned"
+      )
+    if module.mask is not None:
+      return "masked convolution is not preconditioned"
+    return None
+  if isinstance(module, nn.DenseGeneral):
+    if module.batch_dims:
+      return "DenseGeneral with batch_dims is not preconditioned"
+    if len(_tuple(module.features)) != 1:
+      return "DenseGeneral with several output axes is not preconditioned"
+    return None
+  if isinstance(module, (nn.Dense, nn.Embed)):
+    return None
+  return f"{name} is not a layer type that tkfac_jax preconditions"
+
+
+def _tuple(x) -> tuple:
+  return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _layer_inputs(module: nn.Module, module_path: str, kernel: jax.Array, x: jax.Array):
+  """The layer's inputs as ``[B, T, d_in]`` (patches for a convolution; tokens for Embed)."""
+  if isinstance(module, nn.Embed):
+    batch = _batch_size(module_path, x, 1)
+    return "embed", x.reshape(batch, -1)
+  if isinstance(module, nn.Conv):
+    spatial = len(_tuple(module.kernel_size))
+    if jnp.ndim(x) != spatial + 2:
+      raise ValueError(
+          f"Conv layer '{module_path}' got an input of shape {jnp.shape(x)}; curvature "
+          f"statistics need exactly one batch axis before its {spatial} spatial axes and "
+          "channels."
+      )
+    # The module's own convolution with a one-hot kernel yields the patches in exactly the
+    # layout of its kernel (spatial taps, then input channels), whatever the padding mode.
+    taps = kernel.size // kernel.shape[-1]
+    one_hot = jnp.eye(taps, dtype=x.dtype).reshape(kernel.shape[:-1] + (taps,))
+    # HIGHEST precision: the patches must be copies of the inputs, not TF32/bfloat16 roundings.
+    extractor = module.clone(
+        parent=None, features=taps, use_bias=False, precision=jax.lax.Precision.HIGHEST
+    )
+    patches = extractor.apply({"params": {"kernel": one_hot}}, x)
+    return "dense", patches.reshape(x.shape[0], -1, taps)
+  if isinstance(module, nn.DenseGeneral):
+    batch = _batch_size(module_path, x, 2)
+    # Flax sorts `axis`: the kernel's input axes are in the input's order.
+    axes = tuple(sorted(a % x.ndim for a in _tuple(module.axis)))
+    if 0 in axes:
+      raise ValueError(
+          f"DenseGeneral layer '{module_path}' contracts the leading (batch) axis of its input; "
+          "curvature statistics need axis 0 to be the batch."
+      )
+    moved = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
+    return "dense", moved.reshape(batch, -1, kernel.size // kernel.shape[-1])
+  batch = _batch_size(module_path, x, 2)
+  return "dense", x.reshape(batch, -1, x.shape[-1])
+
+
+def _interceptor(owners, perturbations, calls, inputs_seen, skipped):
+  """Records each captured layer call and perturbs its output.
+
+  ``calls`` receives the static description of each call, ``inputs_seen`` its inputs and
+  ``skipped`` the layers of the differentiated parameters that cannot be captured.
   """
 
   def intercept(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != "__call__" or not isinstance(module, nn.Dense):
+    if context.method_name == "setup":
       return next_fun(*args, **kwargs)
-    path = owners.get(id(module.get_variable("params", "kernel")))
+    path, param = _owned_layer(module, owners)
     if path is None:  # Not a layer of the differentiated parameters (frozen, or no params).
       return next_fun(*args, **kwargs)
-    inputs = args[0] if args else kwargs["inputs"]
     module_path = "/".join(module.path) or type(module).__name__
-    if jnp.ndim(inputs) < 2:
-      raise ValueError(
-          f"Dense layer '{module_path}' got an input of shape {jnp.shape(inputs)}: curvature "
-          "statistics need a leading batch axis. Apply the model to the whole batch inside the "
-          "loss (do not jax.vmap the model over examples)."
-      )
+    reason = _unsupported(module, context.method_name)
+    if reason is not None:
+      skipped.setdefault(path, f"{module_path}: {reason}")
+      return next_fun(*args, **kwargs)
+    x = args[0] if args else kwargs["inputs"]
+    kind, inputs = _layer_inputs(module, module_path, param, x)
     outputs = next_fun(*args, **kwargs)
     layer_calls = calls.setdefault(path, [])
     if perturbations is not None:
       outputs = outputs + perturbations[path][len(layer_calls)]
     layer_calls.append(
         _Call(
+            kind=kind,
             input_shape=tuple(inputs.shape),
             output=jax.ShapeDtypeStruct(outputs.shape, outputs.dtype),
-            use_bias=bool(module.use_bias),
+            use_bias=bool(getattr(module, "use_bias", False)),
             module_path=module_path,
+            num_embeddings=int(getattr(module, "num_embeddings", 0)),
         )
     )
     inputs_seen.setdefault(path, []).append(inputs)
@@ -114,15 +214,17 @@ def _layer_statistics(
   for call in calls:
     if call.input_shape[0] != batch:
       raise ValueError(
-          f"Dense layer '{calls[0].module_path}' (parameters at '{_tree.path_str(path)}') is "
+          f"Layer '{calls[0].module_path}' (parameters at '{_tree.path_str(path)}') is "
           f"called on batches of different sizes ({batch} and {call.input_shape[0]}) in one "
           "loss; weight sharing is supported only when every call sees the same examples."
       )
-  a = jnp.concatenate([x.reshape(batch, -1, x.shape[-1]) for x in inputs], axis=1)
   # The perturbation gradient is dL/dy of the mean loss; per-example gradients are B times it.
   g = jnp.concatenate(
       [dy.reshape(batch, -1, dy.shape[-1]) * batch for dy in output_grads], axis=1
   )
+  a = jnp.concatenate(inputs, axis=1)
+  if calls[0].kind == "embed":
+    return _statistics.embedding_statistics(a, g, calls[0].num_embeddings, curvature)
   if calls[0].use_bias:
     a = _statistics.homogeneous(a)
   return _statistics.dense_statistics(a, g, curvature)
@@ -135,13 +237,16 @@ def value_grad_and_stats(
     *,
     curvature: _statistics.Curvature = "tkfac",
 ) -> Callable[..., tuple[Any, Any, Statistics]]:
-  """Like :func:`jax.value_and_grad`, and also returns every dense layer's curvature statistics.
+  """Like :func:`jax.value_and_grad`, and also returns every layer's curvature statistics.
 
   ``fun`` is the user's loss, unchanged: it applies a Flax (linen) model to a batch and returns
-  the mean loss over the batch's leading axis. Every ``flax.linen.Dense`` that ``fun`` applies and
-  whose kernel is a leaf of the differentiated argument(s) is captured, with its parameters found
-  by identity, so the statistics line up with the ``params`` tree however deeply it is nested.
-  The statistics are reduced inside the step to small ``(d, d)`` matrices.
+  the mean loss over the batch's leading axis. Every ``nn.Dense``, ``nn.DenseGeneral`` (one output
+  axis), ``nn.Conv`` (ungrouped) and ``nn.Embed`` that ``fun`` applies and whose kernel (or
+  embedding) is a leaf of the differentiated argument(s) is captured, with its parameters found by
+  identity, so the statistics line up with the ``params`` tree however deeply it is nested. The
+  statistics are reduced inside the step to small ``(d, d)`` matrices. Layers of the
+  differentiated parameters that ``fun`` applies but that cannot be captured are listed, with the
+  reason, in ``stats.skipped``.
 
   Args:
     fun: the loss. Its leading-axis batch mean convention matters: per-example output gradients
@@ -178,19 +283,21 @@ def value_grad_and_stats(
             "argument(s); the differentiated arguments must be passed positionally."
         )
 
-    def call(diff, perturbations, calls, inputs_seen):
+    def call(diff, perturbations, calls, inputs_seen, skipped):
       full = list(args)
       for i, value in zip(argnums_tuple, diff):
         full[i] = value
-      owners = _kernel_owners(diff[0] if single else diff)
-      with nn.intercept_methods(_interceptor(owners, perturbations, calls, inputs_seen)):
+      owners = _param_owners(diff[0] if single else diff)
+      intercept = _interceptor(owners, perturbations, calls, inputs_seen, skipped)
+      with nn.intercept_methods(intercept):
         return fun(*full, **kwargs)
 
     diff = tuple(args[i] for i in argnums_tuple)
     # A shape-only pass finds the layers and their output shapes, so that the real pass can
     # differentiate with respect to zero perturbations of those shapes.
     found: dict[_tree.Path, list[_Call]] = {}
-    jax.eval_shape(lambda d: call(d, None, found, {}), diff)
+    skipped: dict[_tree.Path, str] = {}
+    jax.eval_shape(lambda d: call(d, None, found, {}, skipped), diff)
     perturbations = {
         path: [jnp.zeros(c.output.shape, c.output.dtype) for c in layer_calls]
         for path, layer_calls in found.items()
@@ -199,10 +306,10 @@ def value_grad_and_stats(
     def differentiable(diff, perturbations):
       calls: dict[_tree.Path, list[_Call]] = {}
       inputs: dict[_tree.Path, list[jax.Array]] = {}
-      out = call(diff, perturbations, calls, inputs)
+      out = call(diff, perturbations, calls, inputs, {})
       if calls != found:
         raise RuntimeError(
-            "The loss applied different dense layers in two traces; value_grad_and_stats needs "
+            "The loss applied different layers in two traces; value_grad_and_stats needs "
             "the loss to be a pure function of its arguments."
         )
       loss, aux = out if has_aux else (out, None)
@@ -211,12 +318,18 @@ def value_grad_and_stats(
     (loss, (aux, inputs)), (grads, output_grads) = jax.value_and_grad(
         differentiable, argnums=(0, 1), has_aux=True
     )(diff, perturbations)
+    # A layer that is also applied in a way that cannot be captured has incomplete statistics.
     layers = {
         path: _layer_statistics(path, found[path], inputs[path], output_grads[path], curvature)
         for path in found
+        if path not in skipped
     }
     value = (loss, aux) if has_aux else loss
     grads = grads[0] if single else grads
-    return value, grads, Statistics(layers=_tree.nest(layers), curvature=curvature)
+    return value, grads, Statistics(
+        layers=_tree.nest(layers),
+        curvature=curvature,
+        skipped=tuple((_tree.path_str(p), reason) for p, reason in skipped.items()),
+    )
 
   return wrapped

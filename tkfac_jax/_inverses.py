@@ -13,7 +13,8 @@ _PRECISION = jax.lax.Precision.HIGHEST
 
 
 class DampedInverses(NamedTuple):
-  """``Phi_hat^-1`` and ``Psi_hat^-1`` of one layer."""
+  """``Phi_hat^-1`` and ``Psi_hat^-1`` of one layer (``phi`` is a vector for an embedding,
+  whose input factor is diagonal)."""
 
   phi: jax.Array
   psi: jax.Array
@@ -34,10 +35,20 @@ def scaled_factors(
   return stats.phi * scale, stats.psi * scale
 
 
+def _mean_diagonal(factor: jax.Array) -> jax.Array:
+  return jnp.mean(factor) if factor.ndim == 1 else jnp.trace(factor) / factor.shape[0]
+
+
+def _add_to_diagonal(factor: jax.Array, value: jax.Array) -> jax.Array:
+  if factor.ndim == 1:
+    return factor + value
+  return factor + value * jnp.eye(factor.shape[0], dtype=factor.dtype)
+
+
 def pi_adjustment(phi: jax.Array, psi: jax.Array) -> jax.Array:
   """Martens & Grosse (2015) Sec. 6.3: ``pi = sqrt((tr(phi)/d_in) / (tr(psi)/d_out))``."""
-  phi_mean = jnp.trace(phi) / phi.shape[0]
-  psi_mean = jnp.trace(psi) / psi.shape[0]
+  phi_mean = _mean_diagonal(phi)
+  psi_mean = _mean_diagonal(psi)
   ok = (phi_mean > 0) & (psi_mean > 0)
   return jnp.where(ok, jnp.sqrt(jnp.where(ok, phi_mean / jnp.where(ok, psi_mean, 1.0), 1.0)), 1.0)
 
@@ -53,21 +64,23 @@ def damped_factors(
   With ``pi_damping`` the split is ``pi * sqrt(damping)`` and ``sqrt(damping) / pi``.
   """
   phi, psi = scaled_factors(stats, curvature)
-  phi = 0.5 * (phi + phi.T)
+  if phi.ndim == 2:
+    phi = 0.5 * (phi + phi.T)
   psi = 0.5 * (psi + psi.T)
   root = jnp.sqrt(jnp.asarray(damping, phi.dtype))
   pi = pi_adjustment(phi, psi) if pi_damping else jnp.ones((), phi.dtype)
-  phi_hat = phi + (pi * root) * jnp.eye(phi.shape[0], dtype=phi.dtype)
-  psi_hat = psi + (root / pi) * jnp.eye(psi.shape[0], dtype=psi.dtype)
-  return phi_hat, psi_hat
+  return _add_to_diagonal(phi, pi * root), _add_to_diagonal(psi, root / pi)
 
 
 def spd_inverse(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Inverse of a symmetric positive-definite matrix through its Cholesky factor.
 
   Returns the inverse and whether it is usable (the factorisation succeeded and is finite): a
-  matrix that is not positive definite gives NaNs in XLA's Cholesky, never an exception.
+  matrix that is not positive definite gives NaNs in XLA's Cholesky, never an exception. A
+  vector is taken as the diagonal of a diagonal matrix.
   """
+  if matrix.ndim == 1:
+    return 1.0 / matrix, jnp.all(matrix > 0) & jnp.all(jnp.isfinite(matrix))
   chol = jnp.linalg.cholesky(matrix)
   eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
   inv_chol = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
@@ -94,5 +107,8 @@ def damped_inverses(
 
 def precondition(inverses: DampedInverses, grad: jax.Array) -> jax.Array:
   """``Phi_hat^-1 G Psi_hat^-1`` for a ``(d_in[+1], d_out)`` gradient block ``G``."""
-  left = jnp.matmul(inverses.phi, grad, precision=_PRECISION)
+  if inverses.phi.ndim == 1:
+    left = inverses.phi[:, None] * grad
+  else:
+    left = jnp.matmul(inverses.phi, grad, precision=_PRECISION)
   return jnp.matmul(left, inverses.psi, precision=_PRECISION)

@@ -35,7 +35,8 @@ class LayerStatistics(NamedTuple):
   still the TKFAC trace (the exact Fisher block's trace when ``T = 1``), kept for diagnostics.
 
   Attributes:
-    phi: ``(d_in + 1, d_in + 1)`` with a bias (``(d_in, d_in)`` without), input-side factor.
+    phi: ``(d_in + 1, d_in + 1)`` with a bias (``(d_in, d_in)`` without), input-side factor; for
+      an embedding, its diagonal ``(num_embeddings,)``.
     psi: ``(d_out, d_out)``, output-side factor.
     delta: scalar, the trace of the Fisher block.
   """
@@ -77,6 +78,40 @@ def dense_statistics(
     psi = jnp.matmul((g * a_sq[:, None]).T, g, precision=_PRECISION) / batch
   elif curvature == "kfac":
     phi = jnp.matmul(a.T, a, precision=_PRECISION) / batch
+    psi = jnp.matmul(g.T, g, precision=_PRECISION) / (batch * locations)
+  else:
+    raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+  return LayerStatistics(phi=phi, psi=psi, delta=delta)
+
+
+def embedding_statistics(
+    tokens: jax.Array, g: jax.Array, num_embeddings: int, curvature: Curvature = "tkfac"
+) -> LayerStatistics:
+  """Factor statistics of an embedding lookup, whose inputs are one-hot vectors.
+
+  With ``a_nt = onehot(token_nt)``, ``|a|^2 = 1`` and ``a a^T`` is diagonal, so the input factor
+  is kept as its diagonal (a vector of per-token sums), never as a ``V x V`` matrix.
+
+  Args:
+    tokens: ``[B, T]`` integer token ids.
+    g: ``[B, T, d]`` per-example output gradients.
+    num_embeddings: ``V``.
+    curvature: ``"tkfac"`` or ``"kfac"``.
+
+  Returns:
+    :class:`LayerStatistics` with ``phi`` of shape ``(V,)`` (the diagonal).
+  """
+  batch, locations = tokens.shape
+  tokens = tokens.reshape(-1)
+  g = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
+  g_sq = jnp.sum(g * g, axis=-1)
+  delta = jnp.sum(g_sq) / batch
+  if curvature == "tkfac":
+    phi = jax.ops.segment_sum(g_sq, tokens, num_segments=num_embeddings) / batch
+    psi = jnp.matmul(g.T, g, precision=_PRECISION) / batch
+  elif curvature == "kfac":
+    counts = jax.ops.segment_sum(jnp.ones_like(g_sq), tokens, num_segments=num_embeddings)
+    phi = counts / batch
     psi = jnp.matmul(g.T, g, precision=_PRECISION) / (batch * locations)
   else:
     raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")

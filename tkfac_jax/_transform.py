@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, NamedTuple, Sequence
 
 import chex
@@ -41,11 +43,13 @@ class ScaleByTKFACState(NamedTuple):
     layers: nested dict mirroring ``params``: at each preconditioned layer's parameter node, its
       :class:`LayerState`.
     kl_scale: the factor the last update was scaled by for KL clipping (1 without clipping).
+    fallback: the state of the fallback transformation.
   """
 
   count: jax.Array
   layers: Any
   kl_scale: jax.Array
+  fallback: Any = optax.EmptyState()
 
 
 def _is_layer_state(x) -> bool:
@@ -69,29 +73,59 @@ def _check_concrete(name: str, value: Any, ok, requirement: str) -> None:
 
 
 def _layer_blocks(tree: Any, layer_paths, what: str) -> dict[_tree.Path, dict[str, Any]]:
-  """The kernel (and bias) leaves of each layer in ``tree``, with clear errors if absent."""
+  """The parameter leaves (kernel or embedding, and bias) of each layer in ``tree``."""
   flat = _tree.flatten_with_paths(tree)
   blocks = {}
   for path in layer_paths:
-    if path + ("kernel",) not in flat:
+    block = {k: flat[path + (k,)] for k in ("kernel", "embedding", "bias") if path + (k,) in flat}
+    if "kernel" not in block and "embedding" not in block:
       raise ValueError(
-          f"The {what} have no 'kernel' at '{_tree.path_str(path)}', a layer the optimizer state "
-          f"was initialised with. Pass {what} with the structure of the params given to init()."
+          f"The {what} have no 'kernel' or 'embedding' at '{_tree.path_str(path)}', a layer the "
+          f"optimizer state was initialised with. Pass {what} with the structure of the params "
+          "given to init()."
       )
-    blocks[path] = {k: flat[path + (k,)] for k in ("kernel", "bias") if path + (k,) in flat}
+    blocks[path] = block
   return blocks
 
 
+def _block_shape(block: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, int]]:
+  """Shapes of ``phi`` and ``psi`` for a layer's parameters.
+
+  A kernel's input side is every axis but the last (a convolution's taps and input channels, in
+  the order of its patches); the bias is the homogeneous coordinate. An embedding's input factor
+  is diagonal.
+  """
+  if "embedding" in block:
+    num_embeddings, features = block["embedding"].shape
+    return (num_embeddings,), (features, features)
+  kernel = block["kernel"]
+  d_out = kernel.shape[-1]
+  d_in = math.prod(kernel.shape[:-1]) + ("bias" in block)
+  return (d_in, d_in), (d_out, d_out)
+
+
+def _is_conv(block: dict[str, Any]) -> bool:
+  return "kernel" in block and block["kernel"].ndim > 2
+
+
 def _augmented(block: dict[str, jax.Array]) -> jax.Array:
-  """``[W; b]``: the ``(d_in + 1, d_out)`` block with the bias as the last row."""
+  """The ``(d_in [+ 1], d_out)`` gradient block, ``[W; b]`` with the bias as the last row."""
+  if "embedding" in block:
+    return block["embedding"].astype(jnp.float32)
   kernel = block["kernel"].astype(jnp.float32)
+  kernel = kernel.reshape(-1, kernel.shape[-1])
   if "bias" not in block:
     return kernel
   return jnp.concatenate([kernel, block["bias"].astype(jnp.float32)[None, :]], axis=0)
 
 
 def _split(matrix: jax.Array, block: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  out = {"kernel": matrix[: block["kernel"].shape[0]].astype(block["kernel"].dtype)}
+  """The inverse of :func:`_augmented`."""
+  if "embedding" in block:
+    return {"embedding": matrix.astype(block["embedding"].dtype)}
+  kernel = block["kernel"]
+  rows = math.prod(kernel.shape[:-1])
+  out = {"kernel": matrix[:rows].reshape(kernel.shape).astype(kernel.dtype)}
   if "bias" in block:
     out["bias"] = matrix[-1].astype(block["bias"].dtype)
   return out
@@ -123,14 +157,18 @@ def scale_by_tkfac(
     inverse_every: chex.Numeric = 10,
     curvature: _statistics.Curvature = "tkfac",
     pi_damping: bool = False,
+    conv_damping_floor: chex.Numeric | None = None,
     kl_clip: chex.Numeric | None = None,
     learning_rate: optax.ScalarOrSchedule | None = None,
+    fallback: optax.GradientTransformation | None = None,
     layers: Sequence[str] | None = None,
     dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Preconditions dense layers' gradients with TKFAC's damped Kronecker-factored Fisher.
+  r"""Preconditions layers' gradients with TKFAC's damped Kronecker-factored Fisher.
 
-  For each captured layer with gradient block ``G = [dW; db]`` (bias as the last row):
+  For each captured layer (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``, ``nn.Embed``) with
+  gradient block ``G = [dW; db]`` (a kernel reshaped to ``(inputs, outputs)``, the bias as the last
+  row):
 
   .. math::
     \hat\Phi = \sqrt{\delta}\,\Phi + \sqrt{\lambda} I, \quad
@@ -138,9 +176,13 @@ def scale_by_tkfac(
     U = \hat\Phi^{-1} G \hat\Psi^{-1}
 
   (TKFAC Eqs. 4.9, 5.14-5.15), where ``delta``, ``Phi`` and ``Psi`` are exponential moving averages
-  of the statistics from :func:`value_grad_and_stats`. Parameters of other layers pass through
-  unchanged. The inverses are recomputed every ``inverse_every`` steps inside the update (with
-  ``lax.cond``), and as soon as a layer's first statistics arrive.
+  of the statistics from :func:`value_grad_and_stats`. The inverses are recomputed every
+  ``inverse_every`` steps inside the update (with ``lax.cond``), and as soon as a layer's first
+  statistics arrive.
+
+  Every other parameter (norm scales and biases, layers that cannot be captured, and layers that
+  have not yet received statistics) takes the ``fallback`` transformation's update instead: the
+  plain gradient by default.
 
   The update takes the keyword-only extra argument ``stats``: the statistics of this step, or
   ``None`` to take a step with the curvature already in the state. Omitting it raises, so that
@@ -156,13 +198,23 @@ def scale_by_tkfac(
     curvature: ``"tkfac"`` (trace-restricted factors) or ``"kfac"`` (K-FAC's ``A`` and ``G``, for
       ablations). Statistics must be captured with the same ``curvature``.
     pi_damping: split the damping with Martens & Grosse's ``pi`` instead of evenly.
+    conv_damping_floor: ``nu`` of TKFAC's damping for convolutions. If set, every layer whose kernel
+      has more than two axes (a convolution; also a DenseGeneral that contracts several input
+      axes, since the optimizer sees only the parameters) takes its own damping
+      ``lambda_l = max(delta_l, nu) / (d_in d_out)``, proportional to its Fisher block's mean
+      diagonal entry, instead of ``damping`` (which 2-D kernels keep). ``None``: one damping for
+      all layers.
     kl_clip: if set, ``kappa`` of KL clipping: every preconditioned block is scaled by
       ``nu = min(1, sqrt(kappa / (lr^2 sum_l <U_l, G_l>)))``, which bounds the step's predicted KL
       divergence ``nu^2 lr^2 sum_l <U_l, G_l>`` by ``kappa``. Needs ``learning_rate``.
     learning_rate: the learning rate (or schedule) applied later in the chain; used only by
       ``kl_clip``.
+    fallback: the transformation for the parameters that are not preconditioned, for example
+      ``optax.scale_by_adam()``; ``None`` passes their gradient through. It is given every
+      gradient (so that a layer can move between the two) and only its updates for those
+      parameters are used.
     layers: paths (``"encoder/Dense_0"``) of the layers to precondition. Default: every parameter
-      node with a 2-D ``kernel``.
+      node with a ``kernel`` of two or more axes, or a 2-D ``embedding``.
     dtype: dtype of the factors and inverses; ``None`` means float32. (A dtype default would be
       taken for a schedule by ``optax.inject_hyperparams``, which treats callables as schedules.)
 
@@ -188,54 +240,51 @@ def scale_by_tkfac(
       "inverse_every", inverse_every, lambda v: int(v) == v and v >= 1, "a positive integer"
   )
   _check_concrete("kl_clip", kl_clip, lambda v: v > 0, "positive (or None to disable)")
+  _check_concrete(
+      "conv_damping_floor", conv_damping_floor, lambda v: v > 0, "positive (or None to disable)"
+  )
   if kl_clip is not None and learning_rate is None:
     raise ValueError("kl_clip needs learning_rate: pass the learning rate (or schedule) used.")
   selected = None if layers is None else {tuple(p.split("/")): p for p in layers}
   dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
+  fallback = optax.with_extra_args_support(optax.identity() if fallback is None else fallback)
 
   def find_layers(params) -> dict[_tree.Path, dict[str, Any]]:
-    found = _tree.dense_layers(params)
+    found = _tree.layer_nodes(params)
     if selected is None:
       if not found:
         raise ValueError(
             "scale_by_tkfac found no layer to precondition in params: it looks for parameter "
-            "nodes with a 2-D 'kernel' (flax.linen.Dense)."
+            "nodes with a 'kernel' of two or more axes (Dense, Conv) or an 'embedding' (Embed)."
         )
       return found
-    all_nodes = {path: node for path, node in found.items()}
-    missing = [name for path, name in selected.items() if path not in all_nodes]
+    missing = [name for path, name in selected.items() if path not in found]
     if missing:
       raise ValueError(
-          f"layers={list(selected.values())} names {missing}, which are not dense layers of "
-          f"params; dense layers found: {[_tree.path_str(p) for p in found]}."
+          f"layers={list(selected.values())} names {missing}, which are not layers of params; "
+          f"layers found: {[_tree.path_str(p) for p in found]}."
       )
-    return {path: all_nodes[path] for path in selected}
+    return {path: found[path] for path in selected}
 
   def init_fn(params):
     layer_states = {}
     for path, node in find_layers(params).items():
-      d_out = node["kernel"].shape[1]
-      d_in = node["kernel"].shape[0] + ("bias" in node)
-      if "bias" in node and tuple(node["bias"].shape) != (d_out,):
-        raise ValueError(
-            f"Layer '{_tree.path_str(path)}' has a bias of shape {node['bias'].shape} for a kernel "
-            f"of shape {node['kernel'].shape}; expected ({d_out},)."
-        )
+      phi_shape, psi_shape = _block_shape(node)
+      eye_phi = jnp.ones(phi_shape, dtype) if len(phi_shape) == 1 else jnp.eye(*phi_shape, dtype=dtype)
       layer_states[path] = LayerState(
           statistics=_statistics.LayerStatistics(
-              phi=jnp.zeros((d_in, d_in), dtype),
-              psi=jnp.zeros((d_out, d_out), dtype),
+              phi=jnp.zeros(phi_shape, dtype),
+              psi=jnp.zeros(psi_shape, dtype),
               delta=jnp.zeros((), dtype),
           ),
           count=jnp.zeros((), jnp.int32),
-          inverses=_inverses.DampedInverses(
-              phi=jnp.eye(d_in, dtype=dtype), psi=jnp.eye(d_out, dtype=dtype)
-          ),
+          inverses=_inverses.DampedInverses(phi=eye_phi, psi=jnp.eye(*psi_shape, dtype=dtype)),
       )
     return ScaleByTKFACState(
         count=jnp.zeros((), jnp.int32),
         layers=_tree.nest(layer_states),
         kl_scale=jnp.ones((), jnp.float32),
+        fallback=fallback.init(params),
     )
 
   def batch_statistics(stats, layer_states) -> dict[_tree.Path, _statistics.LayerStatistics]:
@@ -251,6 +300,7 @@ def scale_by_tkfac(
           f"curvature={curvature!r}; pass the same value to value_grad_and_stats."
       )
     flat = _tree.flatten_with_paths(stats.layers, is_leaf=_is_layer_stats)
+    skipped = dict(stats.skipped)
     missing = [_tree.path_str(p) for p in layer_states if p not in flat]
     unknown = [] if selected is not None else [
         _tree.path_str(p) for p in flat if p not in layer_states
@@ -261,15 +311,27 @@ def scale_by_tkfac(
           f"Statistics for layer(s) {unknown}, which the optimizer state does not have{also}: "
           "were they captured from another model than the params given to init()?"
       )
-    if missing:
+    unexplained = [p for p in missing if p not in skipped]
+    if unexplained:
       raise ValueError(
-          f"No statistics for layer(s) {missing}, which the optimizer state expects. Only "
-          "flax.linen.Dense layers applied by the loss to the differentiated params are "
-          "captured (not nn.DenseGeneral, not layers under nn.remat, nn.scan or jax.vmap, not "
-          "kernels cast or transformed inside the loss); to leave a layer out of the "
-          "preconditioner, pass scale_by_tkfac(layers=[...]) with the layers to keep."
+          f"No statistics for layer(s) {unexplained}, which the optimizer state expects. Layers "
+          "are captured when the loss applies them to the differentiated params; layers under "
+          "nn.remat, nn.scan or jax.vmap inside the loss, and kernels cast or transformed inside "
+          "the loss, are not seen. To leave a layer out of the preconditioner (its parameters "
+          "then take the fallback), pass scale_by_tkfac(layers=[...]) with the layers to keep."
+      )
+    # Skipped layers the state has no factors for (a bias that is not one block) warn as well.
+    in_state = {_tree.path_str(p) for p in layer_states}
+    not_in_state = [p for p in skipped if p not in in_state] if selected is None else []
+    for path in missing + not_in_state:
+      warnings.warn(
+          f"Layer '{path}' is not preconditioned ({skipped[path]}); its parameters take the "
+          "fallback update. Pass scale_by_tkfac(layers=[...]) without it to silence this.",
+          stacklevel=4,
       )
     for path, layer in layer_states.items():
+      if path not in flat:
+        continue
       got = tuple(tuple(jnp.shape(x)) for x in flat[path])
       want = tuple(tuple(x.shape) for x in layer.statistics)
       if got != want:
@@ -277,7 +339,14 @@ def scale_by_tkfac(
             f"Statistics for layer '{_tree.path_str(path)}' have shapes {got} but the optimizer "
             f"state has {want}: they come from a layer of another size (another model?)."
         )
-    return {path: flat[path] for path in layer_states}
+    return {path: flat[path] for path in layer_states if path in flat}
+
+  def layer_damping(layer: LayerState, block: dict[str, Any]):
+    """``damping``, or TKFAC's trace-proportional damping for a convolution."""
+    if conv_damping_floor is None or not _is_conv(block):
+      return damping
+    d_in, d_out = layer.statistics.phi.shape[0], layer.statistics.psi.shape[0]
+    return jnp.maximum(layer.statistics.delta, conv_damping_floor) / (d_in * d_out)
 
   def update_fn(updates, state, params=None, *, stats=_MISSING):
     if stats is _MISSING:
@@ -289,12 +358,13 @@ def scale_by_tkfac(
     layer_states = _tree.flatten_with_paths(state.layers, is_leaf=_is_layer_state)
     grads = _layer_blocks(updates, layer_states, "updates")
     for path, layer in layer_states.items():
-      got = _augmented_shape(grads[path])
-      want = (layer.statistics.phi.shape[0], layer.statistics.psi.shape[0])
+      got = _block_shape(grads[path])
+      want = (layer.statistics.phi.shape, layer.statistics.psi.shape)
       if got != want:
         raise ValueError(
-            f"The gradient of layer '{_tree.path_str(path)}' has [kernel; bias] shape {got} but the "
-            f"optimizer state was initialised for {want}: params do not match the state."
+            f"The gradient of layer '{_tree.path_str(path)}' has shapes "
+            f"{ {k: v.shape for k, v in grads[path].items()} }, which need factors of shapes {got}, "
+            f"but the optimizer state was initialised for {want}: params do not match the state."
         )
     if params is not None:
       _layer_blocks(params, layer_states, "params")
@@ -303,23 +373,23 @@ def scale_by_tkfac(
     first_seen = jnp.zeros((), bool)
     if stats is not None:
       batch = batch_statistics(stats, layer_states)
-      for path in layer_states:
+      for path in batch:
         layer_states[path], first = _fold_in(layer_states[path], batch[path], decay)
         first_seen = first_seen | first
 
     def refresh(layer_states):
-      return {
-          path: layer._replace(
-              inverses=jax.tree.map(
-                  lambda new, old: jnp.where(layer.count > 0, new, old),
-                  _inverses.damped_inverses(
-                      layer.statistics, damping, curvature, pi_damping, layer.inverses
-                  ),
-                  layer.inverses,
-              )
-          )
-          for path, layer in layer_states.items()
-      }
+      out = {}
+      for path, layer in layer_states.items():
+        new = _inverses.damped_inverses(
+            layer.statistics,
+            layer_damping(layer, grads[path]),
+            curvature,
+            pi_damping,
+            layer.inverses,
+        )
+        inverses = jax.tree.map(lambda n, o: jnp.where(layer.count > 0, n, o), new, layer.inverses)
+        out[path] = layer._replace(inverses=inverses)
+      return out
 
     layer_states = jax.lax.cond(
         (step % inverse_every == 0) | first_seen, refresh, lambda s: s, layer_states
@@ -330,29 +400,32 @@ def scale_by_tkfac(
         path: _inverses.precondition(layer.inverses, grad_blocks[path])
         for path, layer in layer_states.items()
     }
+    active = {path: layer.count > 0 for path, layer in layer_states.items()}
     kl_scale = jnp.ones((), jnp.float32)
     if kl_clip is not None:
       lr = learning_rate(step) if callable(learning_rate) else learning_rate
-      vg = sum(jnp.sum(u * grad_blocks[p]) for p, u in preconditioned.items()) * lr**2
-      kl_scale = jnp.where(vg > 0, jnp.minimum(1.0, jnp.sqrt(kl_clip / jnp.where(vg > 0, vg, 1.0))), 1.0)
+      vg = lr**2 * sum(
+          jnp.where(active[p], jnp.sum(u * grad_blocks[p]), 0.0) for p, u in preconditioned.items()
+      )
+      ok = vg > 0
+      kl_scale = jnp.where(ok, jnp.minimum(1.0, jnp.sqrt(kl_clip / jnp.where(ok, vg, 1.0))), 1.0)
       preconditioned = {p: u * kl_scale for p, u in preconditioned.items()}
 
-    flat_updates = _tree.flatten_with_paths(updates)
+    # Everything starts as the fallback's update; preconditioned layers then replace theirs.
+    fallback_updates, fallback_state = fallback.update(updates, state.fallback, params)
+    flat_updates = _tree.flatten_with_paths(fallback_updates)
     for path, u in preconditioned.items():
       for name, value in _split(u, grads[path]).items():
-        flat_updates[path + (name,)] = value
+        key = path + (name,)
+        flat_updates[key] = jnp.where(active[path], value, flat_updates[key])
     treedef = jax.tree.structure(updates)
     new_updates = jax.tree.unflatten(treedef, list(flat_updates.values()))
     new_state = ScaleByTKFACState(
         count=optax.safe_increment(step),
         layers=_tree.nest(layer_states),
         kl_scale=kl_scale.astype(jnp.float32),
+        fallback=fallback_state,
     )
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _augmented_shape(block: dict[str, Any]) -> tuple[int, int]:
-  d_in, d_out = block["kernel"].shape
-  return (d_in + ("bias" in block), d_out)

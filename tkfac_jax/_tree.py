@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Hashable
 
 import jax
+import jax.numpy as jnp
 
 Path = tuple[Hashable, ...]
 
@@ -47,17 +48,26 @@ def nest(flat: dict[Path, Any]) -> Any:
   return out
 
 
-def dense_layers(params: Any) -> dict[Path, dict[str, jax.ShapeDtypeStruct]]:
-  """Finds the parameter nodes that look like a dense layer: a 2-D ``kernel``, maybe a ``bias``.
+def layer_nodes(params: Any) -> dict[Path, dict[str, Any]]:
+  """Finds the parameter nodes that look like a layer TKFAC can precondition.
 
-  Returns a mapping from the node's path to its ``{'kernel': ..., 'bias': ...}`` leaves.
+  A node with a ``kernel`` of two or more dimensions (a dense layer, a convolution: its input
+  side is every axis but the last) and maybe a ``bias`` of one entry per output, or a node with a
+  2-D ``embedding``. (A bias of another shape, as in a DenseGeneral with several output axes or a
+  ConvLocal, means the layer is not one block.)
+  Returns a mapping from the node's path to its ``{'kernel'|'embedding': ..., 'bias': ...}``.
   """
-  layers: dict[Path, dict[str, Any]] = {}
+  nodes: dict[Path, dict[str, Any]] = {}
   for path, leaf in flatten_with_paths(params).items():
-    if path and path[-1] in ("kernel", "bias"):
-      layers.setdefault(path[:-1], {})[path[-1]] = leaf
-  return {
-      path: node
-      for path, node in layers.items()
-      if "kernel" in node and getattr(node["kernel"], "ndim", 0) == 2
-  }
+    if path and path[-1] in ("kernel", "bias", "embedding"):
+      nodes.setdefault(path[:-1], {})[path[-1]] = leaf
+
+
+  def is_layer(node) -> bool:
+    if "kernel" in node:
+      kernel = node["kernel"]
+      bias_ok = "bias" not in node or tuple(jnp.shape(node["bias"])) == tuple(kernel.shape[-1:])
+      return jnp.ndim(kernel) >= 2 and bias_ok
+    return "embedding" in node and jnp.ndim(node["embedding"]) == 2
+
+  return {path: node for path, node in nodes.items() if is_layer(node)}
