@@ -3,7 +3,11 @@
 from tkfac_jax._alias import tkfac
 from tkfac_jax._capture import Statistics
 from tkfac_jax._capture import value_grad_and_stats
+from tkfac_jax._diagnostics import diagnostics
 from tkfac_jax._inverses import DampedInverses
+from tkfac_jax._losses import sigmoid_binary_cross_entropy
+from tkfac_jax._losses import softmax_cross_entropy
+from tkfac_jax._losses import squared_error
 from tkfac_jax._statistics import LayerStatistics
 from tkfac_jax._transform import LayerState
 from tkfac_jax._transform import ScaleByTKFACState
@@ -17,7 +21,11 @@ __all__ = (
     "LayerStatistics",
     "ScaleByTKFACState",
     "Statistics",
+    "diagnostics",
     "scale_by_tkfac",
+    "sigmoid_binary_cross_entropy",
+    "softmax_cross_entropy",
+    "squared_error",
     "tkfac",
     "value_grad_and_stats",
 )

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tkfac_jax import _losses
 from tkfac_jax import _statistics
 from tkfac_jax import _tree
 
@@ -236,6 +237,7 @@ def value_grad_and_stats(
     has_aux: bool = False,
     *,
     curvature: _statistics.Curvature = "tkfac",
+    fisher: Literal["empirical", "sampled"] = "empirical",
 ) -> Callable[..., tuple[Any, Any, Statistics]]:
   """Like :func:`jax.value_and_grad`, and also returns every layer's curvature statistics.
 
@@ -254,10 +256,19 @@ def value_grad_and_stats(
     argnums: which positional argument(s) to differentiate, as in :func:`jax.grad`.
     has_aux: whether ``fun`` returns ``(loss, aux)``, as in :func:`jax.value_and_grad`.
     curvature: ``"tkfac"`` (default) or ``"kfac"``; must match the optimizer's ``curvature``.
+    fisher: ``"empirical"`` (default): output gradients from the training labels, shared with the
+      parameter gradient. ``"sampled"``: the "true" Fisher of K-FAC's papers, with output gradients
+      from one extra backward pass from the model output, with targets drawn from the model's own
+      predictive distribution. The loss must then compute its value with one of
+      :func:`softmax_cross_entropy`, :func:`sigmoid_binary_cross_entropy` or
+      :func:`squared_error`, which mark the output and its distribution, and the returned
+      function takes a keyword argument ``fisher_key`` (a PRNG key; use a new one every step).
+      The parameter gradient always comes from the real labels.
 
   Returns:
-    A function with ``fun``'s signature returning ``(value, grads, stats)``, where ``value`` is
-    ``loss`` or ``(loss, aux)`` and ``stats`` a :class:`Statistics`.
+    A function with ``fun``'s signature (plus ``fisher_key=`` when ``fisher="sampled"``) returning
+    ``(value, grads, stats)``, where ``value`` is ``loss`` or ``(loss, aux)`` and ``stats`` a
+    :class:`Statistics`.
 
   Examples:
     >>> import flax.linen as nn, jax, jax.numpy as jnp, tkfac_jax
@@ -271,11 +282,23 @@ def value_grad_and_stats(
   """
   if curvature not in _statistics.CURVATURES:
     raise ValueError(f"curvature must be one of {_statistics.CURVATURES}, got {curvature!r}.")
+  if fisher not in ("empirical", "sampled"):
+    raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}.")
   single = isinstance(argnums, int)
   argnums_tuple = (argnums,) if single else tuple(argnums)
 
   @functools.wraps(fun)
-  def wrapped(*args, **kwargs):
+  def wrapped(*args, fisher_key=None, **kwargs):
+    if fisher == "sampled" and fisher_key is None:
+      raise ValueError(
+          "value_grad_and_stats(..., fisher='sampled') needs fisher_key=<a PRNG key> in each "
+          "call, to sample the targets; use a new key every step."
+      )
+    if fisher == "empirical" and fisher_key is not None:
+      raise ValueError(
+          "fisher_key was passed but fisher='empirical' uses the training labels; pass "
+          "fisher='sampled' to value_grad_and_stats for the sampled Fisher."
+      )
     for i in argnums_tuple:
       if not 0 <= i < len(args):
         raise ValueError(
@@ -315,9 +338,14 @@ def value_grad_and_stats(
       loss, aux = out if has_aux else (out, None)
       return loss, (aux, inputs)
 
-    (loss, (aux, inputs)), (grads, output_grads) = jax.value_and_grad(
-        differentiable, argnums=(0, 1), has_aux=True
-    )(diff, perturbations)
+    if fisher == "empirical":
+      (loss, (aux, inputs)), (grads, output_grads) = jax.value_and_grad(
+          differentiable, argnums=(0, 1), has_aux=True
+      )(diff, perturbations)
+    else:
+      loss, aux, inputs, grads, output_grads = _sampled_backward(
+          differentiable, diff, perturbations, fisher_key
+      )
     # A layer that is also applied in a way that cannot be captured has incomplete statistics.
     layers = {
         path: _layer_statistics(path, found[path], inputs[path], output_grads[path], curvature)
@@ -333,3 +361,28 @@ def value_grad_and_stats(
     )
 
   return wrapped
+
+
+def _sampled_backward(differentiable, diff, perturbations, key):
+  """One forward pass, then two backward passes: from the loss (the parameter gradient) and
+  from the marked model output with sampled targets (the layers' output gradients)."""
+  distribution = None
+
+  def forward(diff, perturbations):
+    nonlocal distribution
+    with _losses.recording_outputs() as marks:
+      loss, (aux, inputs) = differentiable(diff, perturbations)
+    if len(marks) != 1:
+      raise ValueError(
+          "fisher='sampled' needs the loss to mark exactly one model output, by computing its "
+          "value with tkfac_jax.softmax_cross_entropy, tkfac_jax.sigmoid_binary_cross_entropy or "
+          f"tkfac_jax.squared_error; this loss marked {len(marks)}."
+      )
+    distribution, output = marks[0]
+    return (loss, output), (aux, inputs)
+
+  (loss, output), vjp_fn, (aux, inputs) = jax.vjp(forward, diff, perturbations, has_aux=True)
+  grads, _ = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(output)))
+  sampled = _losses.sampled_output_gradient(distribution, output, key).astype(output.dtype)
+  _, output_grads = vjp_fn((jnp.zeros_like(loss), sampled))
+  return loss, aux, inputs, grads, output_grads

@@ -93,16 +93,12 @@ def damped_inverses(
     damping: jax.Array | float,
     curvature: _statistics.Curvature,
     pi_damping: bool,
-    previous: DampedInverses,
-) -> DampedInverses:
-  """``Phi_hat^-1`` and ``Psi_hat^-1``; keeps ``previous`` if either factor is not invertible."""
+) -> tuple[DampedInverses, jax.Array]:
+  """``Phi_hat^-1`` and ``Psi_hat^-1``, and whether both factors could be inverted."""
   phi_hat, psi_hat = damped_factors(stats, damping, curvature, pi_damping)
   phi_inv, phi_ok = spd_inverse(phi_hat)
   psi_inv, psi_ok = spd_inverse(psi_hat)
-  ok = phi_ok & psi_ok
-  return DampedInverses(
-      phi=jnp.where(ok, phi_inv, previous.phi), psi=jnp.where(ok, psi_inv, previous.psi)
-  )
+  return DampedInverses(phi=phi_inv, psi=psi_inv), phi_ok & psi_ok
 
 
 def precondition(inverses: DampedInverses, grad: jax.Array) -> jax.Array:

@@ -28,11 +28,13 @@ class LayerState(NamedTuple):
     count: how many batches have been folded in (skipped non-finite batches do not count).
     inverses: the damped inverses ``Phi_hat^-1`` and ``Psi_hat^-1`` in use (identity until the
       layer's first statistics arrive).
+    damping: the ``lambda`` those inverses were computed with (0 until then).
   """
 
   statistics: _statistics.LayerStatistics
   count: jax.Array
   inverses: _inverses.DampedInverses
+  damping: jax.Array
 
 
 class ScaleByTKFACState(NamedTuple):
@@ -279,6 +281,7 @@ def scale_by_tkfac(
           ),
           count=jnp.zeros((), jnp.int32),
           inverses=_inverses.DampedInverses(phi=eye_phi, psi=jnp.eye(*psi_shape, dtype=dtype)),
+          damping=jnp.zeros((), dtype),
       )
     return ScaleByTKFACState(
         count=jnp.zeros((), jnp.int32),
@@ -380,15 +383,14 @@ def scale_by_tkfac(
     def refresh(layer_states):
       out = {}
       for path, layer in layer_states.items():
-        new = _inverses.damped_inverses(
-            layer.statistics,
-            layer_damping(layer, grads[path]),
-            curvature,
-            pi_damping,
-            layer.inverses,
+        lam = jnp.asarray(layer_damping(layer, grads[path]), layer.damping.dtype)
+        new, ok = _inverses.damped_inverses(layer.statistics, lam, curvature, pi_damping)
+        # Keep the previous inverses if the factors could not be inverted (or have no data yet).
+        use = ok & (layer.count > 0)
+        out[path] = layer._replace(
+            inverses=jax.tree.map(lambda n, o: jnp.where(use, n, o), new, layer.inverses),
+            damping=jnp.where(use, lam, layer.damping),
         )
-        inverses = jax.tree.map(lambda n, o: jnp.where(layer.count > 0, n, o), new, layer.inverses)
-        out[path] = layer._replace(inverses=inverses)
       return out
 
     layer_states = jax.lax.cond(
