@@ -9,6 +9,7 @@ from tkfac_jax._losses import sigmoid_binary_cross_entropy
 from tkfac_jax._losses import softmax_cross_entropy
 from tkfac_jax._losses import squared_error
 from tkfac_jax._statistics import LayerStatistics
+from tkfac_jax._train_state import TrainState
 from tkfac_jax._transform import LayerState
 from tkfac_jax._transform import ScaleByTKFACState
 from tkfac_jax._transform import scale_by_tkfac
@@ -21,6 +22,7 @@ __all__ = (
     "LayerStatistics",
     "ScaleByTKFACState",
     "Statistics",
+    "TrainState",
     "diagnostics",
     "scale_by_tkfac",
     "sigmoid_binary_cross_entropy",
