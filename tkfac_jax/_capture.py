@@ -381,8 +381,16 @@ def _sampled_backward(differentiable, diff, perturbations, key):
     distribution, output = marks[0]
     return (loss, output), (aux, inputs)
 
-  (loss, output), vjp_fn, (aux, inputs) = jax.vjp(forward, diff, perturbations, has_aux=True)
-  grads, _ = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(output)))
-  sampled = _losses.sampled_output_gradient(distribution, output, key).astype(output.dtype)
-  _, output_grads = vjp_fn((jnp.zeros_like(loss), sampled))
+  try:
+    (loss, output), vjp_fn, (aux, inputs) = jax.vjp(forward, diff, perturbations, has_aux=True)
+    grads, _ = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(output)))
+    sampled = _losses.sampled_output_gradient(distribution, output, key).astype(output.dtype)
+    _, output_grads = vjp_fn((jnp.zeros_like(loss), sampled))
+  except jax.errors.UnexpectedTracerError as error:
+    raise ValueError(
+        "fisher='sampled': the loss helper was called under a JAX transformation inside the loss "
+        "(jax.vmap, lax.scan, jax.checkpoint, ...), so its output cannot be reached. Call "
+        "tkfac_jax.softmax_cross_entropy, sigmoid_binary_cross_entropy or squared_error "
+        "directly on the batched model output."
+    ) from error
   return loss, aux, inputs, grads, output_grads

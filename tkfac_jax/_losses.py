@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import Iterator, Literal
 
 import jax
@@ -18,24 +19,30 @@ import optax
 
 Distribution = Literal["categorical", "bernoulli", "gaussian"]
 
-# The recorders of the captures being traced: innermost last. Empty outside a capture.
-_RECORDERS: list[list[tuple[str, jax.Array]]] = []
+# The recorders of the captures being traced in this thread: innermost last.
+_LOCAL = threading.local()
+
+
+def _recorders() -> list[list[tuple[str, jax.Array]]]:
+  if not hasattr(_LOCAL, "recorders"):
+    _LOCAL.recorders = []
+  return _LOCAL.recorders
 
 
 @contextlib.contextmanager
 def recording_outputs() -> Iterator[list[tuple[str, jax.Array]]]:
   """Collects the ``(distribution, output)`` pairs that the loss helpers mark while active."""
   marks: list[tuple[str, jax.Array]] = []
-  _RECORDERS.append(marks)
+  _recorders().append(marks)
   try:
     yield marks
   finally:
-    _RECORDERS.pop()
+    _recorders().pop()
 
 
 def _mark(distribution: Distribution, output: jax.Array) -> None:
-  if _RECORDERS:
-    _RECORDERS[-1].append((distribution, output))
+  if _recorders():
+    _recorders()[-1].append((distribution, output))
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
