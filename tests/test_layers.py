@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 
+import references
 import tkfac_jax
 
 # Statistics are float32 sums of products: a relative error of 1e-4 of the largest entry allows
@@ -79,37 +80,10 @@ def _normal(seed, shape, scale=1.0):
 # --- Brute-force statistics, loops over examples n and locations t. -------------------------------
 
 
-def _brute_tkfac(a, g):
-  """TKFAC.md's numerators ``E_n sum_t |g|^2 a a^T``, ``E_n sum_t |a|^2 g g^T`` and delta."""
-  size, locations = a.shape[:2]
-  phi = np.zeros((a.shape[-1],) * 2)
-  psi = np.zeros((g.shape[-1],) * 2)
-  delta = 0.0
-  for n in range(size):
-    for t in range(locations):
-      a_sq, g_sq = a[n, t] @ a[n, t], g[n, t] @ g[n, t]
-      phi += g_sq * np.outer(a[n, t], a[n, t])
-      psi += a_sq * np.outer(g[n, t], g[n, t])
-      delta += a_sq * g_sq
-  return phi / size, psi / size, delta / size
-
-
-def _brute_kfac(a, g):
-  """K-FAC's ``A = E_n sum_t a a^T`` and ``G = (1/T) E_n sum_t g g^T``."""
-  size, locations = a.shape[:2]
-  big_a = np.zeros((a.shape[-1],) * 2)
-  big_g = np.zeros((g.shape[-1],) * 2)
-  for n in range(size):
-    for t in range(locations):
-      big_a += np.outer(a[n, t], a[n, t])
-      big_g += np.outer(g[n, t], g[n, t])
-  return big_a / size, big_g / (size * locations)
-
-
 def _brute(a, g, curvature):
-  phi, psi, delta = _brute_tkfac(a, g)
+  phi, psi, delta = references.brute_tkfac(a, g)
   if curvature == "kfac":
-    phi, psi = _brute_kfac(a, g)
+    phi, psi = references.brute_kfac(a, g)
   return phi, psi, delta
 
 
@@ -480,7 +454,7 @@ def test_conv_update_solves_damped_kronecker_system(curvature, floor):
   case = _conv_net()
   _, grads, stats = case.captured[curvature]
   damping = 1e-2
-  delta = _brute_tkfac(case.a["conv"], case.g["conv"])[2]
+  delta = references.brute_tkfac(case.a["conv"], case.g["conv"])[2]
   # The floor nu either lies below the conv's delta, or above it and then binds.
   nu = {None: 1.0, "delta": 0.1 * delta, "nu": 10.0 * delta}[floor]
   updates = _first_update(

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import references
 import tkfac_jax
 
 # Statistics are float32 sums of products: a relative error of 1e-4 of the largest entry allows
@@ -267,33 +268,6 @@ def _augmented(node, bias, axis):
   return np.concatenate([kernel, np.expand_dims(np.asarray(node["bias"], np.float64), axis)], axis)
 
 
-def _brute_tkfac(a, g):
-  """TKFAC.md's numerators and delta, summing over every example ``n`` and location ``t``."""
-  size, locations = a.shape[:2]
-  phi = np.zeros((a.shape[-1],) * 2)
-  psi = np.zeros((g.shape[-1],) * 2)
-  delta = 0.0
-  for n in range(size):
-    for t in range(locations):
-      a_sq, g_sq = a[n, t] @ a[n, t], g[n, t] @ g[n, t]
-      phi += g_sq * np.outer(a[n, t], a[n, t])
-      psi += a_sq * np.outer(g[n, t], g[n, t])
-      delta += a_sq * g_sq
-  return phi / size, psi / size, delta / size
-
-
-def _brute_kfac(a, g):
-  """K-FAC's ``A = E_n sum_t a a^T`` and ``G = (1/T) E_n sum_t g g^T``, by loops."""
-  size, locations = a.shape[:2]
-  big_a = np.zeros((a.shape[-1],) * 2)
-  big_g = np.zeros((g.shape[-1],) * 2)
-  for n in range(size):
-    for t in range(locations):
-      big_a += np.outer(a[n, t], a[n, t])
-      big_g += np.outer(g[n, t], g[n, t])
-  return big_a / size, big_g / (size * locations)
-
-
 def _vec(matrix):
   """Column-major ``vec``."""
   return matrix.T.reshape(-1)
@@ -403,9 +377,9 @@ def test_statistics_equal_brute_force(name, curvature):
   for layer, a in ref.a.items():
     g = ref.g[layer]
     assert a.shape[1] == _LOCATIONS.get((name, layer), 1)  # K-FAC's G carries this 1/T.
-    phi, psi, delta = _brute_tkfac(a, g)
+    phi, psi, delta = references.brute_tkfac(a, g)
     if curvature == "kfac":
-      phi, psi = _brute_kfac(a, g)
+      phi, psi = references.brute_kfac(a, g)
     got = stats.layers[layer]
     _assert_close(got.phi, phi, err_msg=layer)
     _assert_close(got.psi, psi, err_msg=layer)
@@ -501,10 +475,10 @@ def test_kfac_is_exact_on_deep_linear_network(linear):
 def _damped_factors(a, g, curvature, damping, pi_damping):
   """``Phi_hat`` and ``Psi_hat`` from TKFAC.md's formulas, from the reference pairs."""
   if curvature == "tkfac":
-    phi, psi, delta = _brute_tkfac(a, g)
+    phi, psi, delta = references.brute_tkfac(a, g)
     phi, psi = phi / np.sqrt(delta), psi / np.sqrt(delta)
   else:
-    phi, psi = _brute_kfac(a, g)
+    phi, psi = references.brute_kfac(a, g)
   pi = 1.0
   if pi_damping:
     pi = np.sqrt((np.trace(phi) / len(phi)) / (np.trace(psi) / len(psi)))
