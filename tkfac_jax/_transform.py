@@ -290,8 +290,14 @@ def scale_by_tkfac(
         fallback=fallback.init(params),
     )
 
-  def batch_statistics(stats, layer_states) -> dict[_tree.Path, _statistics.LayerStatistics]:
-    """Validates this step's statistics against the state (all checks are static)."""
+  def batch_statistics(
+      stats, layer_states, updates
+  ) -> dict[_tree.Path, _statistics.LayerStatistics]:
+    """Validates this step's statistics against the state (all checks are static).
+
+    Statistics of layers that ``optax.masked`` or ``optax.partition`` masked out of ``updates``
+    (as ``optax.MaskedNode``) belong to another transformation and are ignored.
+    """
     if not isinstance(stats, _capture.Statistics):
       raise TypeError(
           "stats must be the statistics returned by tkfac_jax.value_grad_and_stats (or None to "
@@ -302,8 +308,26 @@ def scale_by_tkfac(
           f"stats were captured with curvature={stats.curvature!r} but the optimizer uses "
           f"curvature={curvature!r}; pass the same value to value_grad_and_stats."
       )
-    flat = _tree.flatten_with_paths(stats.layers, is_leaf=_is_layer_stats)
-    skipped = dict(stats.skipped)
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    masked = {
+        _tree.path_str(path)
+        for path, leaf in _tree.flatten_with_paths(updates, is_leaf=is_masked).items()
+        if is_masked(leaf)
+    }
+
+    def masked_out(name: str) -> bool:
+      """Whether the layer's node, an ancestor of it, or its kernel or embedding is masked out."""
+      return any(
+          name == m or name.startswith(m + "/") or m in (f"{name}/kernel", f"{name}/embedding")
+          for m in masked
+      )
+
+    flat = {
+        p: s
+        for p, s in _tree.flatten_with_paths(stats.layers, is_leaf=_is_layer_stats).items()
+        if p in layer_states or not masked_out(_tree.path_str(p))
+    }
+    skipped = {p: reason for p, reason in stats.skipped if not masked_out(p)}
     missing = [_tree.path_str(p) for p in layer_states if p not in flat]
     unknown = [] if selected is not None else [
         _tree.path_str(p) for p in flat if p not in layer_states
@@ -375,7 +399,7 @@ def scale_by_tkfac(
     step = state.count
     first_seen = jnp.zeros((), bool)
     if stats is not None:
-      batch = batch_statistics(stats, layer_states)
+      batch = batch_statistics(stats, layer_states, updates)
       for path in batch:
         layer_states[path], first = _fold_in(layer_states[path], batch[path], decay)
         first_seen = first_seen | first
