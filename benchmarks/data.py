@@ -28,6 +28,8 @@ _FASHION_MNIST = {
     "y_test": ("t10k-labels-idx1-ubyte.gz", 2049, (10000,)),
 }
 _DIGITS_TEST_SIZE = 297  # 1797 digits: 1500 to train on, 297 to test on.
+# Height, width and channels of each data set's images, for models that take images.
+IMAGE_SHAPES = {"fashion-mnist": (28, 28, 1), "digits": (8, 8, 1)}
 
 
 class Dataset(NamedTuple):
@@ -35,9 +37,10 @@ class Dataset(NamedTuple):
 
   Attributes:
     name: ``"fashion-mnist"`` or ``"digits"``.
-    x_train: ``[N, D]`` float32 images, flattened, scaled to [0, 1].
+    x_train: ``[N, D]`` float32 images, flattened, scaled to [0, 1] (``[N, H, W, C]`` after
+      :meth:`as_images`).
     y_train: ``[N]`` int32 labels.
-    x_test: ``[M, D]`` float32 images, flattened, scaled to [0, 1].
+    x_test: ``[M, D]`` float32 images, flattened, scaled to [0, 1] (or ``[M, H, W, C]``).
     y_test: ``[M]`` int32 labels.
   """
 
@@ -50,6 +53,18 @@ class Dataset(NamedTuple):
   @property
   def num_classes(self) -> int:
     return int(self.y_train.max()) + 1
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """``(height, width, channels)`` of one image: ``x_train[i]`` reshaped to it."""
+    return IMAGE_SHAPES[self.name]
+
+  def as_images(self) -> Dataset:
+    """The same data with the images as ``[N, height, width, channels]``."""
+    return self._replace(
+        x_train=self.x_train.reshape(-1, *self.image_shape),
+        x_test=self.x_test.reshape(-1, *self.image_shape),
+    )
 
 
 def read_idx(path: str | os.PathLike, magic: int, shape: tuple[int, ...]) -> np.ndarray:

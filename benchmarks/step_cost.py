@@ -38,6 +38,7 @@ if __package__ in (None, ""):
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import tkfac_jax  # noqa: E402
+from benchmarks.train import cpu_model  # noqa: E402
 
 
 class MLP(nn.Module):
@@ -49,16 +50,6 @@ class MLP(nn.Module):
     for width in self.hidden:
       x = nn.relu(nn.Dense(width)(x))
     return nn.Dense(self.num_classes)(x)
-
-
-def cpu_name() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def time_step(step: Callable, state, batch, repeats: int, steps: int) -> list[float]:
@@ -142,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   }
 
   header = {
-      "machine": f"{cpu_name()} ({jax.device_count()} {jax.default_backend()} device(s), "
+      "machine": f"{cpu_model()} ({jax.device_count()} {jax.default_backend()} device(s), "
       f"{len(os.sched_getaffinity(0))} cores available)",
       "versions": {
           "python": platform.python_version(),

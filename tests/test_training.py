@@ -25,37 +25,63 @@ class _MLP(nn.Module):
     return nn.Dense(10)(jnp.tanh(nn.Dense(32)(x)))
 
 
-def _digits():
+class _CNN(nn.Module):
+  """Two conv3x3-BatchNorm-relu-maxpool blocks (8 and 16 channels) and a dense layer, for the
+  digits as 8x8x1 images. BatchNorm always normalises with the batch's statistics, so the loss on
+  the whole data set is the training objective itself."""
+
+  @nn.compact
+  def __call__(self, x):
+    for channels in (8, 16):
+      x = nn.Conv(channels, (3, 3), use_bias=False)(x)
+      x = nn.BatchNorm(use_running_average=False)(x)
+      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+    return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def _digits(images=False):
   digits = datasets.load_digits()
-  return (digits.data / 16).astype(np.float32), digits.target.astype(np.int32)
+  x = (digits.data / 16).astype(np.float32)
+  return (x.reshape(-1, 8, 8, 1) if images else x), digits.target.astype(np.int32)
 
 
-def _train_loss(tx, curvature, seed, steps=50, batch_size=128):
-  """Full-data-set loss after ``steps`` steps of ``tx`` from a seeded init and batch order."""
-  x, y = _digits()
-  model = _MLP()
+def _train_loss(model, tx, curvature, seed, images=False, steps=50, batch_size=128):
+  """Full-data-set loss after ``steps`` steps of ``tx`` from a seeded init and batch order.
 
-  def loss_fn(params, x, y):
-    logits = model.apply({"params": params}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  The model's variables other than ``params`` (BatchNorm's ``batch_stats``) are updated by every
+  step, as in a real train step.
+  """
+  x, y = _digits(images)
+
+  def loss_fn(params, model_state, x, y):
+    logits, model_state = model.apply(
+        {"params": params, **model_state}, x, mutable=list(model_state)
+    )
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), model_state
 
   @jax.jit
-  def step(params, opt_state, x, y):
+  def step(params, model_state, opt_state, x, y):
     if curvature is None:
-      grads = jax.grad(loss_fn)(params, x, y)
+      (_, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, model_state, x, y
+      )
       updates, opt_state = tx.update(grads, opt_state, params)
     else:
-      _, grads, stats = tkfac_jax.value_grad_and_stats(loss_fn, curvature=curvature)(params, x, y)
+      (_, model_state), grads, stats = tkfac_jax.value_grad_and_stats(
+          loss_fn, has_aux=True, curvature=curvature
+      )(params, model_state, x, y)
       updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
-    return optax.apply_updates(params, updates), opt_state
+    return optax.apply_updates(params, updates), model_state, opt_state
 
-  params = model.init(jax.random.key(seed), x[:1])["params"]
+  variables = model.init(jax.random.key(seed), x[:1])
+  params = variables["params"]
+  model_state = {k: v for k, v in variables.items() if k != "params"}
   opt_state = tx.init(params)
   rng = np.random.default_rng(seed)
   for _ in range(steps):
     batch = rng.choice(len(y), batch_size, replace=False)
-    params, opt_state = step(params, opt_state, x[batch], y[batch])
-  return float(loss_fn(params, x, y))
+    params, model_state, opt_state = step(params, model_state, opt_state, x[batch], y[batch])
+  return float(jax.jit(loss_fn)(params, model_state, x, y)[0])
 
 
 @pytest.mark.parametrize("curvature", ["tkfac", "kfac"])
@@ -67,20 +93,45 @@ def test_natural_gradient_beats_sgd_per_step(curvature):
   """
   lr, momentum = 0.03, 0.9
   natural = _train_loss(
-      tkfac_jax.tkfac(lr, damping=1e-3, momentum=momentum, curvature=curvature), curvature, seed=0
+      _MLP(),
+      tkfac_jax.tkfac(lr, damping=1e-3, momentum=momentum, curvature=curvature),
+      curvature,
+      seed=0,
   )
-  sgd = _train_loss(optax.sgd(lr, momentum=momentum), None, seed=0)
+  sgd = _train_loss(_MLP(), optax.sgd(lr, momentum=momentum), None, seed=0)
   assert natural < 0.25 * sgd, (natural, sgd)
 
 
-def test_benchmark_script_end_to_end(tmp_path, capsys, monkeypatch):
+def test_tkfac_with_conv_damping_beats_sgd_per_step_on_a_cnn():
+  """The same on a CNN with BatchNorm, with TKFAC's damping for convolutions.
+
+  Measured over seeds 0-2 after 50 steps: TKFAC 0.056-0.067, SGD 0.38-0.45, so TKFAC's loss is
+  at most 0.18 of SGD's; the bound leaves a wide margin.
+  """
+  lr, momentum = 0.01, 0.9
+  natural = _train_loss(
+      _CNN(),
+      tkfac_jax.tkfac(lr, damping=1e-3, conv_damping_floor=1e-2, momentum=momentum),
+      "tkfac",
+      seed=0,
+      images=True,
+  )
+  sgd = _train_loss(_CNN(), optax.sgd(lr, momentum=momentum), None, seed=0, images=True)
+  assert natural < 0.3 * sgd, (natural, sgd)
+
+
+@pytest.mark.parametrize(
+    "model, optimizers",
+    [("mlp", ["tkfac", "kfac", "adam", "sgd"]), ("cnn", ["tkfac", "adam"])],
+)
+def test_benchmark_script_end_to_end(model, optimizers, tmp_path, capsys, monkeypatch):
   """benchmarks/train.py on a few steps of the digits fallback writes a row per optimizer."""
   monkeypatch.syspath_prepend(str(ROOT))
   from benchmarks import train
 
   out = tmp_path / "results.json"
-  optimizers = ["tkfac", "kfac", "adam", "sgd"]
   train.main([
+      "--model", model,
       "--optimizers", ",".join(optimizers),
       "--steps", "3",
       "--data-dir", str(tmp_path),  # Empty: falls back to the bundled digits.
@@ -91,7 +142,12 @@ def test_benchmark_script_end_to_end(tmp_path, capsys, monkeypatch):
   assert "Fashion-MNIST not found" in captured.err
 
   report = json.loads(out.read_text())
-  assert report["settings"]["dataset"] == "digits"
+  settings = report["settings"]
+  assert settings["dataset"] == "digits"
+  assert settings["model"] == model
+  # The CNN runs TKFAC with the paper's damping for convolutions by default.
+  assert settings["conv_damping_floor"] == train.DEFAULTS[model]["conv_damping_floor"]
+  assert (settings["conv_damping_floor"] is not None) == (model == "cnn")
   assert [r["optimizer"] for r in report["results"]] == optimizers
   for row in report["results"]:
     assert row["steps"] == 3
