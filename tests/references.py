@@ -29,3 +29,12 @@ def brute_kfac(a, g):
       big_a += np.outer(a[n, t], a[n, t])
       big_g += np.outer(g[n, t], g[n, t])
   return big_a / size, big_g / (size * locations)
+
+
+def assert_close(actual, expected, rtol, err_msg=""):
+  """Entry-wise closeness, up to ``rtol`` of the reference's largest entry."""
+  actual = np.asarray(actual, np.float64)
+  expected = np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, (actual.shape, expected.shape, err_msg)
+  scale = float(np.max(np.abs(expected), initial=0.0))
+  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, err_msg=err_msg)

@@ -30,12 +30,7 @@ CURVATURES = ("tkfac", "kfac")
 
 
 def _assert_close(actual, expected, rtol=RTOL, err_msg=""):
-  """Entry-wise closeness, up to ``rtol`` of the reference's largest entry."""
-  actual = np.asarray(actual, np.float64)
-  expected = np.asarray(expected, np.float64)
-  assert actual.shape == expected.shape, (actual.shape, expected.shape, err_msg)
-  scale = float(np.max(np.abs(expected), initial=0.0))
-  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, err_msg=err_msg)
+  references.assert_close(actual, expected, rtol, err_msg)
 
 
 def _relative_error(actual, expected) -> float:
