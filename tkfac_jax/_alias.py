@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import chex
-import jax.numpy as jnp
 import optax
 
 from tkfac_jax import _statistics
