@@ -317,21 +317,95 @@ def test_multi_steps_keeps_only_the_last_micro_steps_statistics():
   _assert_close(updates[-1], expected, rtol=1e-5, atol=1e-7)
 
 
-def test_multi_steps_with_averaged_statistics_is_a_full_batch_step():
-  """With the mean of the micro-batches' stats passed, K micro-steps are one full-batch step."""
+def _full_batch_steps(tx, windows):
+  """Params and state after one full-batch step per window (each K micro-batches' union)."""
+  params, state = _params(), tx.init(_params())
+  step = jax.jit(tx.update)
+  for seed in windows:
+    x, y = _batch(seed, batch=16 * K)
+    _, grads, stats = CAPTURE(params, x, y)
+    updates, state = step(grads, state, params, stats=stats)
+    params = optax.apply_updates(params, updates)
+  return params, state
 
-  def running_mean(i, stats):
-    return jax.tree.map(lambda m, s: jnp.asarray(m, s.dtype), _mean(stats), stats[0])
 
-  tx, params, state, _, _, updates = _multi_steps_run(running_mean)
-  _, (x, y) = _micro_batches()
-  _, full_grads, full_stats = CAPTURE(params, x, y)
-  inner = _tkfac_state(state.inner_opt_state)
+def _micro_steps(tx, windows, stats_on=lambda i: True):
+  """The same data as K micro-batches per window through tkfac_jax.multi_steps."""
+  multi = tkfac_jax.multi_steps(tx, every_k=K)
+  params, state = _params(), multi.init(_params())
+  steps = {flag: jax.jit(lambda g, s, p, st: multi.update(g, s, p, stats=st)) for flag in (0, 1)}
+  all_updates = []
+  for seed in windows:
+    x, y = _batch(seed, batch=16 * K)
+    for i in range(K):
+      _, grads, stats = CAPTURE(params, x[i::K], y[i::K])
+      use = stats_on(i)
+      updates, state = steps[use](grads, state, params, stats if use else None)
+      all_updates.append(updates)
+      params = optax.apply_updates(params, updates)
+  return params, state, all_updates
+
+
+def test_multi_steps_equals_full_batch_steps():
+  """K micro-steps of multi_steps are one step on the K micro-batches' union: factors, params."""
+  tx = tkfac_jax.tkfac(LR, damping=1e-2, inverse_every=2)
+  windows = [7, 8, 9]
+  params, state, updates = _micro_steps(tx, windows)
+  full_params, full_state = _full_batch_steps(tx, windows)
+  for i, u in enumerate(updates):
+    if i % K != K - 1:  # Accumulating: zero updates.
+      assert all(not np.any(leaf) for leaf in jax.tree.leaves(u))
+  assert int(state.gradient_step) == len(windows) and int(state.mini_step) == 0
+  inner, full = _tkfac_state(state.inner_state), _tkfac_state(full_state)
+  assert int(inner.count) == len(windows)
   for name in DENSE:
+    assert int(inner.layers[name].count) == len(windows)
     # TKFAC's factors are per-example means: micro-batch means average to the full batch's.
-    _assert_close(inner.layers[name].statistics, full_stats.layers[name], rtol=1e-5, atol=1e-6)
-  expected, _ = jax.jit(tx.update)(full_grads, tx.init(params), params, stats=full_stats)
-  _assert_close(updates[-1], expected, rtol=1e-4, atol=1e-7)
+    _assert_close(inner.layers[name].statistics, full.layers[name].statistics, 1e-5, 1e-6)
+    _assert_close(inner.layers[name].inverses, full.layers[name].inverses, 1e-4, 1e-6)
+  _assert_close(params, full_params, rtol=1e-4, atol=1e-6)
+
+
+def test_multi_steps_averages_the_micro_steps_that_have_statistics():
+  """With stats on micro-steps 0 and 2 only, the factors are the mean of those two batches'."""
+  tx = tkfac_jax.tkfac(LR, damping=1e-2)
+  _, state, _ = _micro_steps(tx, [7], stats_on=lambda i: i != 1)
+  x, y = _batch(7, batch=16 * K)
+  params = _params()  # Micro-steps do not move the params: the statistics are all at the start.
+  stats = [CAPTURE(params, x[i::K], y[i::K])[2] for i in (0, 2)]
+  inner = _tkfac_state(state.inner_state)
+  for name in DENSE:
+    expected = _mean([s.layers[name] for s in stats])
+    _assert_close(inner.layers[name].statistics, expected, rtol=1e-5, atol=1e-6)
+  assert int(state.stats_count) == 0
+
+
+def test_multi_steps_keeps_statistics_for_a_window_that_ends_without():
+  """Statistics received in a window whose last micro-step passes None are kept for later."""
+  tx = tkfac_jax.tkfac(LR, damping=1e-2)
+  _, state, _ = _micro_steps(tx, [7], stats_on=lambda i: i == 0)
+  assert int(state.stats_count) == 1 and int(state.gradient_step) == 1
+  inner = _tkfac_state(state.inner_state)
+  assert all(int(inner.layers[name].count) == 0 for name in DENSE)
+
+
+def test_multi_steps_bad_input():
+  tx = tkfac_jax.tkfac(LR)
+  with pytest.raises(ValueError, match="every_k must be a positive int"):
+    tkfac_jax.multi_steps(tx, every_k=0)
+  multi = tkfac_jax.multi_steps(tx, every_k=2)
+  params = _params()
+  state = multi.init(params)
+  _, grads, stats = CAPTURE(params, *_batch(0))
+  with pytest.raises(ValueError, match="needs the keyword argument stats"):
+    multi.update(grads, state, params)
+  with pytest.raises(TypeError, match="stats must be the statistics"):
+    multi.update(grads, state, params, stats=stats.layers)
+  # Statistics of another model than the params given to init: the layers are named.
+  part = {"Dense_0": params["Dense_0"]}
+  other = multi.init(part)
+  with pytest.raises(ValueError, match=r"Statistics for layer\(s\) \['Dense_1', 'Dense_2'\]"):
+    multi.update({"Dense_0": grads["Dense_0"]}, other, part, stats=stats)
 
 
 # Checkpoints: Orbax and flax.serialization.

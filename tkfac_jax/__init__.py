@@ -5,6 +5,8 @@ from tkfac_jax._capture import Statistics
 from tkfac_jax._capture import value_grad_and_stats
 from tkfac_jax._diagnostics import diagnostics
 from tkfac_jax._inverses import DampedInverses
+from tkfac_jax._multi_steps import MultiStepsState
+from tkfac_jax._multi_steps import multi_steps
 from tkfac_jax._losses import sigmoid_binary_cross_entropy
 from tkfac_jax._losses import softmax_cross_entropy
 from tkfac_jax._losses import squared_error
@@ -20,10 +22,12 @@ __all__ = (
     "DampedInverses",
     "LayerState",
     "LayerStatistics",
+    "MultiStepsState",
     "ScaleByTKFACState",
     "Statistics",
     "TrainState",
     "diagnostics",
+    "multi_steps",
     "scale_by_tkfac",
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",
