@@ -163,7 +163,7 @@ def test_partition_tkfac_and_adam_train_end_to_end():
   """partition({'tkfac': tkfac(layers=...), 'adam': adam}): each part equals its optimizer alone."""
 
   def make_tkfac():
-    return tkfac_jax.tkfac(LR, damping=1e-2, inverse_every=2, layers=TKFAC_LAYERS)
+    return tkfac_jax.tkfac(LR, damping=1e-2, kl_clip=1e-3, inverse_every=2, layers=TKFAC_LAYERS)
 
   tx = partition({"tkfac": make_tkfac(), "adam": optax.adam(1e-2)}, LABELS)
   # References: TKFAC over the whole tree, preconditioning the same layers, and Adam run alone on

@@ -153,7 +153,7 @@ def _fold_in(
 
 
 def scale_by_tkfac(
-    damping: chex.Numeric = 1e-3,
+    damping: chex.Numeric = 1e-2,
     *,
     decay: chex.Numeric = 0.95,
     inverse_every: chex.Numeric = 10,
