@@ -64,11 +64,10 @@ _PARAM_NAMES = ("kernel", "embedding")
 def _param_owners(diff_args: Any) -> dict[int, _tree.Path]:
   """Maps the id of every ``kernel``/``embedding`` leaf of the differentiated arguments to the
   path of its layer's parameter node."""
-  leaves, _ = jax.tree_util.tree_flatten_with_path(diff_args)
   return {
-      id(leaf): _tree.plain_path(keypath)[:-1]
-      for keypath, leaf in leaves
-      if keypath and _tree.plain_key(keypath[-1]) in _PARAM_NAMES
+      id(leaf): path[:-1]
+      for path, leaf in _tree.flatten_with_paths(diff_args).items()
+      if path and path[-1] in _PARAM_NAMES
   }
 
 
@@ -76,6 +75,8 @@ def _owned_layer(module: nn.Module, owners) -> tuple[_tree.Path | None, jax.Arra
   for name in _PARAM_NAMES:
     if module.has_variable("params", name):
       value = module.get_variable("params", name)
+      if isinstance(value, nn.meta.AxisMetadata):  # nn.with_partitioning: the array in the box.
+        value = jax.tree.leaves(value)[0]
       if id(value) in owners:
         return owners[id(value)], value
   return None, None
