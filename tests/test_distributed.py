@@ -214,13 +214,15 @@ def test_with_partitioning_is_captured_and_preconditioned_on_a_mesh():
 
 
 @pytest.mark.parametrize(
-    "name, how", [("dense", "set_mesh"), ("dense", "mesh_argument"), ("dense", "shard_map")]
+    "name, how", [("dense", "explicit_set_mesh"), ("dense", "mesh_argument"), ("dense", "shard_map")]
 )
 def test_spread_inverses_equal_replicated_inverses(name, how):
   """``inverse_axis='data'``: each device inverts only its layers and shares them; training
-  equals the one-device run, in which one device inverts every layer."""
+  equals the one-device run, in which one device inverts every layer. The mesh comes from
+  jax.set_mesh (Explicit axes), from the ``mesh`` argument (Auto axes), or from shard_map."""
   loss_fn, params, x, y = _problem(name)
-  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  axis_type = AxisType.Explicit if how == "explicit_set_mesh" else AxisType.Auto
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
   if how == "shard_map":
     tx = _optimizer(inverse_axis="data")
     got = _train(_shard_map_step(loss_fn, tx, mesh, check_vma=True), params, tx.init(params), x, y)
@@ -229,7 +231,7 @@ def test_spread_inverses_equal_replicated_inverses(name, how):
     x = jax.device_put(x, NamedSharding(mesh, P("data")))
     y = jax.device_put(y, NamedSharding(mesh, P("data")))
     params = jax.device_put(params, NamedSharding(mesh, P()))
-    with jax.set_mesh(mesh) if how == "set_mesh" else contextlib.nullcontext():
+    with jax.set_mesh(mesh) if how == "explicit_set_mesh" else contextlib.nullcontext():
       got = _train(_jit_step(loss_fn, tx), params, tx.init(params), x, y)
   _assert_same_run(got, _one_device(name))
 
