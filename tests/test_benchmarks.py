@@ -31,7 +31,7 @@ def test_inverse_spread_benchmark_runs(tmp_path, capsys):
 
   out = tmp_path / "inverse_spread"
   result = inverse_spread.main([
-      "--widths", "8,12", "--inputs", "6", "--batch-size", "8", "--repeats", "2", "--steps", "1",
+      "--widths", "4", "--inputs", "3", "--batch-size", "8", "--repeats", "2", "--steps", "1",
       "--out", str(out),
   ])
   assert set(result["median_seconds_per_step"]) == {"no_refresh", "replicated", "spread"}
