@@ -22,3 +22,20 @@ def test_step_cost_benchmark_runs(tmp_path, capsys):
   assert out.with_suffix(".png").stat().st_size > 0
   printed = capsys.readouterr().out
   assert "machine:" in printed and "| tkfac_refresh |" in printed
+
+
+def test_inverse_spread_benchmark_runs(tmp_path, capsys):
+  """Replicated and spread refreshes are timed on the 8 test devices; the ratio, JSON and plot are
+  written."""
+  from benchmarks import inverse_spread
+
+  out = tmp_path / "inverse_spread"
+  result = inverse_spread.main([
+      "--widths", "4", "--inputs", "3", "--batch-size", "8", "--repeats", "2", "--steps", "1",
+      "--out", str(out),
+  ])
+  assert set(result["median_seconds_per_step"]) == {"no_refresh", "replicated", "spread"}
+  assert math.isfinite(result["inverse_ratio_spread_to_replicated"])
+  assert json.loads(out.with_suffix(".json").read_text())["settings"]["mesh"] == "data=8"
+  assert out.with_suffix(".png").stat().st_size > 0
+  assert "spread / replicated" in capsys.readouterr().out

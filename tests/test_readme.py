@@ -29,3 +29,12 @@ def test_ci_runs_the_readme_test_command():
   ci = (ROOT / ".ci" / "run").read_text()
   assert f'TEST_COMMAND="{command}"' in ci
   assert "$TEST_COMMAND" in ci
+
+
+def test_sharded_example_runs_on_eight_devices(tmp_path, capsys):
+  """The README's data-parallel example runs unchanged on the 8 test devices."""
+  block = next(b for b in _blocks("python") if "NamedSharding" in b)
+  script = tmp_path / "sharded.py"
+  script.write_text(block)
+  runpy.run_path(str(script), run_name="__main__")
+  assert "on 8 device(s)" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import chex
+import jax
 import optax
 
 from tkfac_jax import _statistics
@@ -27,6 +28,8 @@ def tkfac(
     fallback: optax.GradientTransformation | None = None,
     layers: Sequence[str] | None = None,
     dtype: Any = None,
+    inverse_axis: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """TKFAC with KL clipping, momentum, weight decay and a learning rate (or schedule).
 
@@ -61,6 +64,8 @@ def tkfac(
       decay and the learning rate still apply after it. ``None``: their plain gradient.
     layers: which layers to precondition; see :func:`scale_by_tkfac`.
     dtype: dtype of the factors and inverses; ``None`` means float32.
+    inverse_axis: a mesh axis to spread the inverse work over; see :func:`scale_by_tkfac`.
+    mesh: the mesh of ``inverse_axis`` under plain ``jax.jit``; see :func:`scale_by_tkfac`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes ``stats=``.
@@ -83,6 +88,8 @@ def tkfac(
           fallback=fallback,
           layers=layers,
           dtype=dtype,
+          inverse_axis=inverse_axis,
+          mesh=mesh,
       )
   ]
   if weight_decay is not None:

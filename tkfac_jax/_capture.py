@@ -56,6 +56,7 @@ class _Call:
   use_bias: bool
   module_path: str
   num_embeddings: int = 0
+  varying: frozenset = frozenset()  # Manual mesh axes the output varies over (inside shard_map).
 
 
 _PARAM_NAMES = ("kernel", "embedding")
@@ -64,11 +65,10 @@ _PARAM_NAMES = ("kernel", "embedding")
 def _param_owners(diff_args: Any) -> dict[int, _tree.Path]:
   """Maps the id of every ``kernel``/``embedding`` leaf of the differentiated arguments to the
   path of its layer's parameter node."""
-  leaves, _ = jax.tree_util.tree_flatten_with_path(diff_args)
   return {
-      id(leaf): _tree.plain_path(keypath)[:-1]
-      for keypath, leaf in leaves
-      if keypath and _tree.plain_key(keypath[-1]) in _PARAM_NAMES
+      id(leaf): path[:-1]
+      for path, leaf in _tree.flatten_with_paths(diff_args).items()
+      if path and path[-1] in _PARAM_NAMES
   }
 
 
@@ -76,6 +76,8 @@ def _owned_layer(module: nn.Module, owners) -> tuple[_tree.Path | None, jax.Arra
   for name in _PARAM_NAMES:
     if module.has_variable("params", name):
       value = module.get_variable("params", name)
+      if isinstance(value, nn.meta.AxisMetadata):  # nn.with_partitioning: the array in the box.
+        value = jax.tree.leaves(value)[0]
       if id(value) in owners:
         return owners[id(value)], value
   return None, None
@@ -188,6 +190,7 @@ def _interceptor(owners, perturbations, calls, inputs_seen, skipped):
             kind=kind,
             input_shape=tuple(inputs.shape),
             output=jax.ShapeDtypeStruct(outputs.shape, outputs.dtype),
+            varying=_varying_axes(outputs),
             use_bias=bool(getattr(module, "use_bias", False)),
             module_path=module_path,
             num_embeddings=int(getattr(module, "num_embeddings", 0)),
@@ -197,6 +200,41 @@ def _interceptor(owners, perturbations, calls, inputs_seen, skipped):
     return outputs
 
   return intercept
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+  """The manual mesh axes over which ``x`` varies inside ``jax.shard_map`` (empty elsewhere, and
+  when ``check_vma=False``). jax < 0.10 calls them ``vma``; later versions ``manual_axis_type``."""
+  aval = jax.typeof(x)
+  if hasattr(aval, "vma"):
+    return frozenset(aval.vma)
+  manual = getattr(aval, "manual_axis_type", None)
+  return frozenset(getattr(manual, "varying", ()))
+
+
+def _as_varying(x: jax.Array, axes) -> jax.Array:
+  """``x`` marked as varying over ``axes`` inside ``jax.shard_map``.
+
+  A replicated (invariant) input's cotangent is summed over the axes it is broadcast along; marking
+  it varying first keeps each shard's own gradient. Without shard_map's checks this does nothing.
+  """
+  missing = tuple(a for a in axes if a not in _varying_axes(x))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _axis_names(axis_name) -> tuple:
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  for name in names:
+    try:
+      jax.lax.axis_index(name)
+    except NameError as error:
+      raise ValueError(
+          f"value_grad_and_stats(..., axis_name={axis_name!r}): the axis {name!r} is not bound "
+          "here. axis_name is for a train step written with jax.shard_map over that mesh axis; "
+          "under plain jax.jit with sharded inputs, leave axis_name=None (the batch means are "
+          "already global)."
+      ) from error
+  return names
 
 
 def _layer_statistics(
@@ -238,6 +276,7 @@ def value_grad_and_stats(
     *,
     curvature: _statistics.Curvature = "tkfac",
     fisher: Literal["empirical", "sampled"] = "empirical",
+    axis_name: str | Sequence[str] | None = None,
 ) -> Callable[..., tuple[Any, Any, Statistics]]:
   """Like :func:`jax.value_and_grad`, and also returns every layer's curvature statistics.
 
@@ -264,6 +303,17 @@ def value_grad_and_stats(
       :func:`squared_error`, which mark the output and its distribution, and the returned
       function takes a keyword argument ``fisher_key`` (a PRNG key; use a new one every step).
       The parameter gradient always comes from the real labels.
+    axis_name: for a train step written with :func:`jax.shard_map`: the mesh axis (or axes) the
+      batch is split over. Each shard computes the loss, gradient and statistics of its own
+      examples; the loss, the gradient and every statistic are then averaged over the axis
+      (``lax.pmean``), so that every shard returns the values of the global batch (for shards of
+      equal size). Replicated parameters are differentiated shard by shard before that one
+      average, so their gradient is never reduced twice, with ``check_vma`` on or off. With
+      ``fisher="sampled"`` the key is folded with the shard's index, so that shards sample
+      independently. ``None`` (default; also right under plain :func:`jax.jit` with sharded
+      inputs, where the means are already global): no averaging; inside ``shard_map`` the
+      statistics are then the shard's own, and the gradient is what :func:`jax.value_and_grad`
+      returns there.
 
   Returns:
     A function with ``fun``'s signature (plus ``fisher_key=`` when ``fisher="sampled"``) returning
@@ -289,6 +339,7 @@ def value_grad_and_stats(
 
   @functools.wraps(fun)
   def wrapped(*args, fisher_key=None, **kwargs):
+    axes = () if axis_name is None else _axis_names(axis_name)
     if fisher == "sampled" and fisher_key is None:
       raise ValueError(
           "value_grad_and_stats(..., fisher='sampled') needs fisher_key=<a PRNG key> in each "
@@ -316,13 +367,22 @@ def value_grad_and_stats(
         return fun(*full, **kwargs)
 
     diff = tuple(args[i] for i in argnums_tuple)
+    if axes:
+      diff = jax.tree.map(lambda x: _as_varying(x, axes), diff)
+      if fisher_key is not None:
+        for name in axes:
+          fisher_key = jax.random.fold_in(fisher_key, jax.lax.axis_index(name))
     # A shape-only pass finds the layers and their output shapes, so that the real pass can
     # differentiate with respect to zero perturbations of those shapes.
     found: dict[_tree.Path, list[_Call]] = {}
     skipped: dict[_tree.Path, str] = {}
     jax.eval_shape(lambda d: call(d, None, found, {}, skipped), diff)
     perturbations = {
-        path: [jnp.zeros(c.output.shape, c.output.dtype) for c in layer_calls]
+        # Varying like the layer's output, so that its cotangent stays the shard's own.
+        path: [
+            _as_varying(jnp.zeros(c.output.shape, c.output.dtype), tuple(sorted(c.varying)))
+            for c in layer_calls
+        ]
         for path, layer_calls in found.items()
     }
 
@@ -352,6 +412,8 @@ def value_grad_and_stats(
         for path in found
         if path not in skipped
     }
+    if axes:
+      loss, grads, layers = jax.lax.pmean((loss, grads, layers), axes)
     value = (loss, aux) if has_aux else loss
     grads = grads[0] if single else grads
     return value, grads, Statistics(

@@ -46,9 +46,21 @@ class LayerStatistics(NamedTuple):
   delta: jax.Array
 
 
+def _gram(left: jax.Array, right: jax.Array) -> jax.Array:
+  """``left^T @ right``, a sum over the (batch and location) rows.
+
+  When the rows are sharded over an explicitly sharded mesh axis, JAX cannot guess how to shard
+  the sum; the factors are small, so it is asked to replicate them.
+  """
+  spec = jax.typeof(left).sharding.spec
+  out_sharding = jax.sharding.PartitionSpec() if any(s is not None for s in spec) else None
+  return jnp.matmul(left.T, right, precision=_PRECISION, out_sharding=out_sharding)
+
+
 def homogeneous(x: jax.Array) -> jax.Array:
   """Appends the constant 1 that folds a bias into the kernel: ``a = [x, 1]``."""
-  return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
+  # ones_like keeps x's sharding (explicitly sharded meshes need operands sharded alike).
+  return jnp.concatenate([x, jnp.ones_like(x[..., :1])], axis=-1)
 
 
 def dense_statistics(
@@ -74,11 +86,11 @@ def dense_statistics(
   delta = jnp.sum(a_sq * g_sq) / batch
   if curvature == "tkfac":
     # Each example's outer product is weighted by the other side's squared norm.
-    phi = jnp.matmul((a * g_sq[:, None]).T, a, precision=_PRECISION) / batch
-    psi = jnp.matmul((g * a_sq[:, None]).T, g, precision=_PRECISION) / batch
+    phi = _gram(a * g_sq[:, None], a) / batch
+    psi = _gram(g * a_sq[:, None], g) / batch
   elif curvature == "kfac":
-    phi = jnp.matmul(a.T, a, precision=_PRECISION) / batch
-    psi = jnp.matmul(g.T, g, precision=_PRECISION) / (batch * locations)
+    phi = _gram(a, a) / batch
+    psi = _gram(g, g) / (batch * locations)
   else:
     raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
   return LayerStatistics(phi=phi, psi=psi, delta=delta)
@@ -108,11 +120,11 @@ def embedding_statistics(
   delta = jnp.sum(g_sq) / batch
   if curvature == "tkfac":
     phi = jax.ops.segment_sum(g_sq, tokens, num_segments=num_embeddings) / batch
-    psi = jnp.matmul(g.T, g, precision=_PRECISION) / batch
+    psi = _gram(g, g) / batch
   elif curvature == "kfac":
     counts = jax.ops.segment_sum(jnp.ones_like(g_sq), tokens, num_segments=num_embeddings)
     phi = counts / batch
-    psi = jnp.matmul(g.T, g, precision=_PRECISION) / (batch * locations)
+    psi = _gram(g, g) / (batch * locations)
   else:
     raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
   return LayerStatistics(phi=phi, psi=psi, delta=delta)

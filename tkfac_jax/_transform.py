@@ -13,6 +13,7 @@ import optax
 
 from tkfac_jax import _capture
 from tkfac_jax import _inverses
+from tkfac_jax import _spread
 from tkfac_jax import _statistics
 from tkfac_jax import _tree
 
@@ -165,6 +166,8 @@ def scale_by_tkfac(
     fallback: optax.GradientTransformation | None = None,
     layers: Sequence[str] | None = None,
     dtype: Any = None,
+    inverse_axis: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions layers' gradients with TKFAC's damped Kronecker-factored Fisher.
 
@@ -219,6 +222,14 @@ def scale_by_tkfac(
       node with a ``kernel`` of two or more axes, or a 2-D ``embedding``.
     dtype: dtype of the factors and inverses; ``None`` means float32. (A dtype default would be
       taken for a schedule by ``optax.inject_hyperparams``, which treats callables as schedules.)
+    inverse_axis: a mesh axis (for data parallelism, the batch axis) to spread the inverse work
+      over. Each layer's inverses are computed by one device along the axis (layers balanced by
+      the cost of their inversions, ``d_in^3 + d_out^3``) and shared with the others by one
+      ``psum``, instead of every device computing all of them. The results are the same. ``None``
+      (default): every device computes every inverse. Works inside ``jax.shard_map`` over the
+      axis, and under ``jax.jit`` with the mesh given by ``mesh`` or ``jax.set_mesh``.
+    mesh: the :class:`jax.sharding.Mesh` that ``inverse_axis`` belongs to, when the update runs
+      under plain ``jax.jit`` without ``jax.set_mesh``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -247,6 +258,13 @@ def scale_by_tkfac(
   )
   if kl_clip is not None and learning_rate is None:
     raise ValueError("kl_clip needs learning_rate: pass the learning rate (or schedule) used.")
+  if inverse_axis is not None and not isinstance(inverse_axis, str):
+    raise TypeError(f"inverse_axis must be a mesh axis name (a str), got {inverse_axis!r}.")
+  if mesh is not None and inverse_axis not in mesh.axis_names:
+    raise ValueError(
+        f"mesh has axes {mesh.axis_names}, without inverse_axis={inverse_axis!r}: pass "
+        "inverse_axis, the mesh axis to spread the inverses over."
+    )
   selected = None if layers is None else {tuple(p.split("/")): p for p in layers}
   dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
   fallback = optax.with_extra_args_support(optax.identity() if fallback is None else fallback)
@@ -404,11 +422,29 @@ def scale_by_tkfac(
         layer_states[path], first = _fold_in(layer_states[path], batch[path], decay)
         first_seen = first_seen | first
 
+    def invert(inputs):
+      return _inverses.damped_inverses(*inputs, curvature, pi_damping)
+
     def refresh(layer_states):
+      inputs = {
+          path: (
+              layer.statistics,
+              jnp.asarray(layer_damping(layer, grads[path]), layer.damping.dtype),
+          )
+          for path, layer in layer_states.items()
+      }
+      if inverse_axis is None:
+        results = {path: invert(x) for path, x in inputs.items()}
+      else:
+        costs = {
+            path: sum(float(x.shape[0]) ** (3 if x.ndim == 2 else 1) for x in (s.phi, s.psi))
+            for path, (s, _) in inputs.items()
+        }
+        results = _spread.spread(invert, inputs, costs, inverse_axis, mesh)
       out = {}
       for path, layer in layer_states.items():
-        lam = jnp.asarray(layer_damping(layer, grads[path]), layer.damping.dtype)
-        new, ok = _inverses.damped_inverses(layer.statistics, lam, curvature, pi_damping)
+        lam = inputs[path][1]
+        new, ok = results[path]
         # Keep the previous inverses if the factors could not be inverted (or have no data yet).
         use = ok & (layer.count > 0)
         out[path] = layer._replace(

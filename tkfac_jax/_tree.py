@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Hashable
 
+from flax.core import meta
 import jax
 import jax.numpy as jnp
 
@@ -26,9 +27,31 @@ def path_str(path: Path) -> str:
   return "/".join(str(k) for k in path) or "<root>"
 
 
+def _is_box(x: Any) -> bool:
+  """A Flax metadata box around a parameter (``nn.with_partitioning`` gives ``nn.Partitioned``)."""
+  return isinstance(x, meta.AxisMetadata)
+
+
 def flatten_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict[Path, Any]:
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  return {plain_path(kp): leaf for kp, leaf in leaves}
+  """``{path: leaf}`` in the order of ``jax.tree.leaves``.
+
+  A boxed parameter (``kernel: Partitioned(value=...)``) keeps the box's path (``.../kernel``,
+  not ``.../kernel/value``), so that boxed and plain parameter trees match the same layers.
+  """
+  user_leaf = is_leaf or (lambda x: False)
+  leaves, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: user_leaf(x) or _is_box(x)
+  )
+  flat = {}
+  for keypath, leaf in leaves:
+    path = plain_path(keypath)
+    if not _is_box(leaf) or user_leaf(leaf):
+      flat[path] = leaf
+      continue
+    inner, _ = jax.tree_util.tree_flatten_with_path(leaf, is_leaf=is_leaf)
+    for inner_keypath, inner_leaf in inner:
+      flat[path if len(inner) == 1 else path + plain_path(inner_keypath)] = inner_leaf
+  return flat
 
 
 def nest(flat: dict[Path, Any]) -> Any:
