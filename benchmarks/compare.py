@@ -173,9 +173,7 @@ def train_one(
       "train_seconds": trained,
       "median_step_seconds": median_step,
       "mean_step_seconds": trained / len(step_seconds),
-      "compile_seconds": max(
-          runner.start_seconds - (median_step if runner.start_runs_a_step else 0.0), 0.0
-      ),
+      "compile_seconds": max(runner.start_seconds - median_step, 0.0),
       "peak_bytes": runner.peak_bytes,
       "diverged": diverged,
       "best": best,

@@ -42,8 +42,8 @@ from benchmarks import compare, data, methods, report, tasks  # noqa: E402
 NOTES = (
     "Each run trains for a fixed budget of training seconds: every step is timed to "
     "`block_until_ready`, and compilation and evaluation are outside the clock. Median step time: "
-    "over every step after the first. Compile seconds: initialising the optimizer and compiling "
-    "its step (kfac-jax compiles on its first step, so that call less one median step). Peak "
+    "over every step after the first. Compile seconds: initialising the optimizer, compiling "
+    "its step and running it once (thrown away), less one median step. Peak "
     "memory: XLA's compiled memory analysis of one training step (arguments + outputs + "
     "temporaries - aliased), not the process's. Time to target: training seconds at the first "
     "evaluation that meets the target. Momentum 0.9 for TKFAC, K-FAC, kfac-jax and SGD; TKFAC and "
