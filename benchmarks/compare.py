@@ -98,14 +98,18 @@ def train_one(
     max_steps: int | None = None,
     progress: bool = True,
     label: str = "",
+    evaluate: Callable[..., dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-  """Trains with one optimizer for ``budget.seconds`` of training time; returns its figures."""
+  """Trains with one optimizer for ``budget.seconds`` of training time; returns its figures.
+
+  ``evaluate`` is ``tasks.make_evaluate(task)``; pass one to share its compilation between runs.
+  """
   x0 = split.x_train[: task.batch_size]
   variables = task.model.init(jax.random.key(seed), x0)
   params = variables["params"]
   model_state = {k: v for k, v in variables.items() if k != "params"}
   dropout_key = jax.random.fold_in(jax.random.key(seed), 1)  # The same masks for every optimizer.
-  evaluate = tasks.make_evaluate(task)
+  evaluate = evaluate or tasks.make_evaluate(task)
 
   def evaluation(state, step: int, seconds: float) -> dict[str, Any]:
     params, model_state, _ = state
@@ -208,12 +212,14 @@ def tune(
     budget: tasks.Budget,
     max_steps: int | None,
     progress: bool,
+    evaluate: Callable[..., dict[str, float]] | None = None,
 ) -> dict[str, Any]:
   """Grid search on the validation split (seed 0): the point with the best metric in budget."""
   trials = []
   for point in grid_points(task.grid[name]):
     label = f"tune {name} " + " ".join(f"{k[:2]}={v:g}" for k, v in point.items())
-    trials.append(run_safely(task, name, point, split, 0, budget, max_steps, progress, label))
+    trials.append(run_safely(task, name, point, split, 0, budget, max_steps, progress, label,
+                             evaluate))
   scored = [t for t in trials if "error" not in t and not t["diverged"]]
   chosen = None
   for t in scored:
@@ -342,12 +348,13 @@ def run_task(
 ) -> dict[str, Any]:
   """Tunes (if ``tune_budget``), then trains every optimizer for every seed; the task's report."""
   dataset = tasks.prepare(task, dataset)
+  evaluate = tasks.make_evaluate(task)
   hparams = {name: dict(task.defaults[name]) for name in names}
   tuning = {}
   if tune_budget is not None:
     val = validation_split(dataset, task.held_out_examples)
     for name in names:
-      tuning[name] = tune(task, name, val, tune_budget, max_steps, progress)
+      tuning[name] = tune(task, name, val, tune_budget, max_steps, progress, evaluate)
       hparams[name] = tuning[name]["chosen"]
       log(f"{task.name}: {name} tuned to " + ", ".join(
           f"{k} {v:g}" for k, v in hparams[name].items()))
@@ -357,7 +364,7 @@ def run_task(
     for name in names:  # Interleaved, so that a change in the machine's load hits all alike.
       label = f"{task.name} {name} seed {seed}"
       runs.append(run_safely(task, name, hparams[name], split, seed, budget, max_steps, progress,
-                             label))
+                             label, evaluate))
   target = choose_target(task, runs)
   summary = summarize(task, runs, names, target["value"])
   return {
