@@ -59,6 +59,12 @@ def kfac_jax_unavailable() -> str | None:
         f"kfac-jax is not installed ({error}); pip install -e \".[bench]\" installs it with the "
         "jax it works with."
     )
+  except Exception as error:  # noqa: BLE001  Its dependencies can break on import, e.g. an old
+    # tensorflow-probability that reaches into jax internals removed since.
+    return (
+        f"kfac-jax fails on import ({type(error).__name__}: {error}); pip install -e \".[bench]\" "
+        "in a fresh environment installs versions that work together."
+    )
   if _version(jax.__version__) > KFAC_JAX_MAX_JAX:
     return (
         f"kfac-jax {kfac_jax.__version__} fails on jax {jax.__version__} (it works up to jax "

@@ -42,7 +42,8 @@ from benchmarks import compare, data, methods, report, tasks  # noqa: E402
 NOTES = (
     "Each run trains for a fixed budget of training seconds: every step is timed to "
     "`block_until_ready`, and compilation and evaluation are outside the clock. Median step time: "
-    "over every step after the first. Compile seconds: initialising the optimizer, compiling "
+    "over every step after the first; mean step time: training seconds over steps, inverse "
+    "refreshes included. Compile seconds: initialising the optimizer, compiling "
     "its step and running it once (thrown away), less one median step. Peak "
     "memory: XLA's compiled memory analysis of one training step (arguments + outputs + "
     "temporaries - aliased), not the process's. Time to target: training seconds at the first "
@@ -85,7 +86,7 @@ def versions() -> dict[str, str]:
   }
   try:
     found["kfac_jax"] = methods.import_kfac_jax().__version__
-  except ImportError:
+  except Exception:  # noqa: BLE001  Missing or broken: kfac_jax_unavailable says which.
     pass
   return found
 
