@@ -74,18 +74,22 @@ def batches(num_examples: int, batch_size: int, seed: int) -> Iterator[np.ndarra
       yield order[b * batch_size : (b + 1) * batch_size]
 
 
-def metric_of(task: tasks.Task, point: dict[str, Any]) -> float:
-  """The task's metric at an evaluation point: train loss, or held-out accuracy."""
-  return point["train_loss"] if task.metric == "train_loss" else point["eval_accuracy"]
+def higher_is_better(metric: str) -> bool:
+  return metric.endswith("accuracy")
 
 
-def better(task: tasks.Task, a: float, b: float) -> bool:
-  """Whether metric value ``a`` is strictly better than ``b`` (NaN is never better)."""
+def metric_of(metric: str, point: dict[str, Any]) -> float:
+  """The value of ``metric`` (train loss, or held-out accuracy) at an evaluation point."""
+  return point["train_loss"] if metric == "train_loss" else point["eval_accuracy"]
+
+
+def better(metric: str, a: float, b: float) -> bool:
+  """Whether value ``a`` of ``metric`` is strictly better than ``b`` (NaN is never better)."""
   if not math.isfinite(a):
     return False
   if not math.isfinite(b):
     return True
-  return a > b if task.higher_is_better else a < b
+  return a > b if higher_is_better(metric) else a < b
 
 
 def train_one(
@@ -154,7 +158,8 @@ def train_one(
             or (max_steps is not None and len(step_seconds) >= max_steps))
     if trained >= next_evaluation or done:
       history.append(evaluation(state, i + 1, trained))
-      bar.set_postfix_str(f"step {i + 1} {task.metric} {metric_of(task, history[-1]):.4g}")
+      value = metric_of(task.metric, history[-1])
+      bar.set_postfix_str(f"step {i + 1} {task.metric} {value:.4g}")
       while next_evaluation <= trained:
         next_evaluation += every
     if diverged:
@@ -164,10 +169,10 @@ def train_one(
   # The first step after compiling is often slow (allocation, caches): leave it out of the median.
   warm = step_seconds[1:] or step_seconds
   median_step = statistics.median(warm)
-  values = [metric_of(task, p) for p in history]
+  values = [metric_of(task.metric, p) for p in history]
   best = values[0]
   for v in values:
-    if better(task, v, best):
+    if better(task.metric, v, best):
       best = v
   return {
       "optimizer": name,
@@ -223,7 +228,7 @@ def tune(
   scored = [t for t in trials if "error" not in t and not t["diverged"]]
   chosen = None
   for t in scored:
-    if chosen is None or better(task, t["best"], chosen["best"]):
+    if chosen is None or better(task.metric, t["best"], chosen["best"]):
       chosen = t
   return {
       "grid": {k: list(v) for k, v in task.grid[name].items()},
@@ -239,41 +244,54 @@ def tune(
   }
 
 
-def choose_target(task: tasks.Task, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-  """The best value that the weakest run reached, rounded to a value every run also reaches.
+# A run counts as having trained when it closed at least this fraction of the gap between the
+# initial value and the best value of any run; the target is chosen among those runs.
+PROGRESS = 0.1
 
-  Only runs that trained (no error, no divergence) count; the weakest of them just reaches it at
-  the end of its budget, so every method has a time to target. Accuracy is rounded down to a
-  multiple of 0.005; a loss is rounded up to 3 significant digits.
+
+def choose_target(metric: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """The best value that the weakest run reached, rounded to a value that run also reaches.
+
+  Among the runs that trained (no error, no divergence, and at least :data:`PROGRESS` of the way
+  from the initial value to the best of any run), the weakest just reaches the target at the end
+  of its budget, so each of them has a time to target; a run that made no such progress is named
+  in the rule and does not reach it. Accuracy is rounded down to a multiple of 0.005; a loss is
+  rounded up to 3 significant digits.
   """
+  higher = higher_is_better(metric)
   good = [r for r in runs if "error" not in r and not r["diverged"]]
   if not good:
-    return {"value": None, "rule": "no run trained"}
-  if task.higher_is_better:
-    worst = min(r["best"] for r in good)
+    return {"value": None, "rule": "no run trained", "no_progress": []}
+  initial = statistics.median(metric_of(metric, r["history"][0]) for r in good)
+  best = (max if higher else min)(r["best"] for r in good)
+  gap = best - initial
+  trained = [r for r in good if gap == 0 or (r["best"] - initial) / gap >= PROGRESS]
+  stalled = [f"{r['optimizer']} seed {r['seed']}" for r in good if r not in trained]
+  if higher:
+    worst = min(r["best"] for r in trained)
     value = math.floor(worst * 200) / 200
   else:
-    worst = max(r["best"] for r in good)
+    worst = max(r["best"] for r in trained)
     scale = 10 ** (math.floor(math.log10(abs(worst))) - 2) if worst else 1.0
     value = math.ceil(worst / scale) * scale
-  return {
-      "value": value,
-      "weakest_best": worst,
-      "rule": (
-          f"the best {task.metric.replace('_', ' ')} that the weakest run reached within the "
-          "budget, rounded " + ("down to 0.005" if task.higher_is_better else "up to 3 digits")
-          + ", so that every run reaches it"
-      ),
-  }
+  rule = (
+      f"the best {metric.replace('_', ' ')} that the weakest run reached within the budget, "
+      "rounded " + ("down to 0.005" if higher else "up to 3 digits") + ", so that every run "
+      f"reaches it, among the runs that closed at least {PROGRESS:.0%} of the gap between the "
+      f"initial value ({initial:.4g}) and the best of any run ({best:.4g})"
+  )
+  if stalled:
+    rule += "; " + ", ".join(stalled) + " did not, and do not reach it"
+  return {"value": value, "weakest_best": worst, "rule": rule, "no_progress": stalled}
 
 
-def to_target(task: tasks.Task, run: dict[str, Any], target: float | None) -> tuple:
-  """Steps and training seconds at the first evaluation meeting ``target``, or (None, None)."""
+def to_target(metric: str, run: dict[str, Any], target: float | None) -> tuple:
+  """Steps and training seconds at the first evaluation after step 0 meeting ``target``."""
   if target is None or "error" in run:
     return None, None
-  for point in run["history"]:
-    value = metric_of(task, point)
-    if math.isfinite(value) and (value >= target if task.higher_is_better else value <= target):
+  for point in run["history"][1:]:
+    value = metric_of(metric, point)
+    if math.isfinite(value) and (value >= target if higher_is_better(metric) else value <= target):
       return point["step"], point["seconds"]
   return None, None
 
@@ -288,7 +306,7 @@ def _spread(values: Sequence[float | None]) -> list[float] | None:
   return [min(values), max(values)] if values else None
 
 
-def summarize(task: tasks.Task, runs: Sequence[dict[str, Any]], names: Sequence[str],
+def summarize(metric: str, runs: Sequence[dict[str, Any]], names: Sequence[str],
               target: float | None) -> dict[str, dict[str, Any]]:
   """Per optimizer, medians over seeds (and min-max spreads) of every figure."""
   summary = {}
@@ -298,7 +316,7 @@ def summarize(task: tasks.Task, runs: Sequence[dict[str, Any]], names: Sequence[
     if not ok:
       summary[name] = {"error": mine[0]["error"] if mine else "not run"}
       continue
-    reached = [to_target(task, r, target) for r in ok]
+    reached = [to_target(metric, r, target) for r in ok]
     figures = {
         "median_step_seconds": [r["median_step_seconds"] for r in ok],
         "mean_step_seconds": [r["mean_step_seconds"] for r in ok],
@@ -365,9 +383,7 @@ def run_task(
       label = f"{task.name} {name} seed {seed}"
       runs.append(run_safely(task, name, hparams[name], split, seed, budget, max_steps, progress,
                              label, evaluate))
-  target = choose_target(task, runs)
-  summary = summarize(task, runs, names, target["value"])
-  return {
+  return score({
       "task": task.name,
       "description": task.description,
       "metric": task.metric,
@@ -383,8 +399,23 @@ def run_task(
       "eval_examples": len(split.eval[1]),
       "hparams": hparams,
       "tuning": tuning,
+      "optimizers": list(names),
+      "runs": runs,
+  })
+
+
+def score(result: dict[str, Any]) -> dict[str, Any]:
+  """A task's result with its target, per-optimizer summary and ratios (re)computed from its runs.
+
+  Works on a result read back from ``results.json`` too (``train.py --rescore``).
+  """
+  metric, runs = result["metric"], result["runs"]
+  names = result.get("optimizers") or list(dict.fromkeys(r["optimizer"] for r in runs))
+  target = choose_target(metric, runs)
+  summary = summarize(metric, runs, names, target["value"])
+  return {
+      **result,
       "target": target,
       "summary": summary,
       "ratios": {"adam": ratios(summary, "adam"), "kfac_jax": ratios(summary, "kfac_jax")},
-      "runs": runs,
   }

@@ -59,6 +59,11 @@ def test_every_optimizer_on_the_same_data_with_a_target_all_reach(tmp_path, caps
   assert (out / "mlp.png").stat().st_size > 0
   assert report["machine"]["cpu"] and report["versions"]["jax"]
 
+  # --rescore recomputes the same figures from the JSON alone.
+  again = train.main(["--rescore", str(out / "results.json"), "--out", str(tmp_path / "again")])
+  assert again["tasks"][0]["summary"] == json.loads(json.dumps(task["summary"]))
+  assert (tmp_path / "again" / "mlp.png").stat().st_size > 0
+
 
 @pytest.mark.skipif(KFAC_JAX_MISSING is not None, reason=f"kfac-jax cannot run: {KFAC_JAX_MISSING}")
 def test_kfac_jax_trains_the_autoencoder_and_the_cnn_with_batchnorm_and_dropout(tmp_path):
