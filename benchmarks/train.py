@@ -246,7 +246,7 @@ def write_outputs(full: dict[str, Any], out: pathlib.Path) -> None:
   (out / "results.md").write_text(report.markdown(full))
   machine = full["machine"]
   for result in full["tasks"]:
-    title = (f"{result['task']} on {full['dataset']}: {result['description']} — "
+    title = (f"{result['task']} on {full['dataset']}: {result['description']}\n"
              f"{machine['cpu']}, {machine['cpu_count']} cores, {full['date']}")
     report.plot(result, out / f"{result['task']}.png", title)
   print(f"\nwrote {out}/results.json, results.md and "
