@@ -396,6 +396,7 @@ def run_task(
       ),
       "max_steps": max_steps,
       "train_examples": len(split.y_train),
+      "eval_set": split.eval_name,
       "eval_examples": len(split.eval[1]),
       "hparams": hparams,
       "tuning": tuning,
