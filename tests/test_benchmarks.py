@@ -1,9 +1,96 @@
-"""The step-cost benchmark runs end to end on a tiny budget (no timing assertions)."""
+"""The benchmarks run end to end on a tiny budget (no timing assertions), so they cannot rot."""
 
 import json
 import math
 
-from benchmarks import step_cost
+import pytest
+
+from benchmarks import methods, step_cost, train
+
+# A fraction of a second or three steps per run, two evaluations: the code path, not the figures.
+TINY = ["--seconds", "0.3", "--steps", "3", "--evaluations", "2", "--no-progress"]
+KFAC_JAX_MISSING = methods.kfac_jax_unavailable()
+
+
+def _run(tmp_path, *args):
+  """train.main on the bundled digits (an empty --data-dir), writing to tmp_path/out."""
+  out = tmp_path / "out"
+  report = train.main([*args, *TINY, "--data-dir", str(tmp_path), "--out", str(out)])
+  assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(report))
+  return report, out
+
+
+def test_every_optimizer_on_the_same_data_with_a_target_all_reach(tmp_path, capsys):
+  """Every optimizer trains; the report has each figure, ratios, a table and a plot.
+
+  kfac-jax runs where it can (the [bench] environment); elsewhere it is left out, saying why.
+  """
+  report, out = _run(tmp_path, "--task", "mlp")
+  captured = capsys.readouterr()
+  assert "Fashion-MNIST not found" in captured.err and "dataset-fashion-mnist" in captured.err
+  expected = [n for n in methods.OPTIMIZERS if n != "kfac_jax" or KFAC_JAX_MISSING is None]
+  assert report["optimizers"] == expected
+  assert report["kfac_jax_left_out"] == KFAC_JAX_MISSING
+  if KFAC_JAX_MISSING:
+    assert "kfac_jax left out" in captured.err
+
+  (task,) = report["tasks"]
+  assert task["task"] == "mlp" and task["metric"] == "test_accuracy"
+  assert sorted((r["optimizer"], r["seed"]) for r in task["runs"]) == sorted(
+      (n, 0) for n in expected)
+  target = task["target"]["value"]
+  for run in task["runs"]:
+    assert "error" not in run, run
+    assert 1 <= run["steps"] <= 3
+    assert run["history"][0]["step"] == 0 and run["history"][-1]["step"] == run["steps"]
+    for key in ("median_step_seconds", "compile_seconds", "train_seconds", "best"):
+      assert math.isfinite(run[key]) and run[key] >= 0, (run["optimizer"], key)
+  for name, s in task["summary"].items():
+    assert s["seeds"] == 1
+    assert s["reached_target"] == 1, name  # The target is one every run reaches.
+    assert s["steps_to_target"] is not None and s["seconds_to_target"] is not None
+  assert task["ratios"]["adam"]["adam"]["median_step_seconds"] == 1.0
+  assert 0 <= target <= 1
+
+  table = (out / "results.md").read_text()
+  for label in ("TKFAC", "K-FAC", "Adam", "SGD"):
+    assert f"| {label} |" in table
+  assert ("| kfac-jax |" in table) == (KFAC_JAX_MISSING is None)
+  assert (out / "mlp.png").stat().st_size > 0
+  assert report["machine"]["cpu"] and report["versions"]["jax"]
+
+  # --rescore recomputes the same figures from the JSON alone.
+  again = train.main(["--rescore", str(out / "results.json"), "--out", str(tmp_path / "again")])
+  assert again["tasks"][0]["summary"] == json.loads(json.dumps(task["summary"]))
+  assert (tmp_path / "again" / "mlp.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(KFAC_JAX_MISSING is not None, reason=f"kfac-jax cannot run: {KFAC_JAX_MISSING}")
+def test_kfac_jax_trains_the_autoencoder_and_the_cnn_with_batchnorm_and_dropout(tmp_path):
+  """kfac-jax's sigmoid loss registration and its model state (BatchNorm) and rng (dropout)."""
+  report, _ = _run(tmp_path, "--task", "autoencoder,cnn", "--optimizers", "kfac_jax")
+  assert [t["task"] for t in report["tasks"]] == ["autoencoder", "cnn"]
+  for task in report["tasks"]:
+    for run in task["runs"]:
+      assert "error" not in run, run
+      assert math.isfinite(run["history"][-1]["train_loss"])
+
+
+def test_tuning_on_a_validation_split_then_medians_over_seeds(tmp_path):
+  """--tune tries every grid point on the validation split and keeps one; seeds are summarised."""
+  report, _ = _run(tmp_path, "--task", "autoencoder", "--optimizers", "sgd", "--tune",
+                   "--seeds", "2")
+  (task,) = report["tasks"]
+  assert task["metric"] == "train_loss"
+  tuning = task["tuning"]["sgd"]
+  assert len(tuning["trials"]) == len(tuning["grid"]["learning_rate"]) == 3
+  assert tuning["chosen"] in [t["hparams"] for t in tuning["trials"]]
+  summary = task["summary"]["sgd"]
+  assert summary["hparams"] == task["hparams"]["sgd"] == tuning["chosen"]
+  assert summary["seeds"] == summary["reached_target"] == 2
+  bests = sorted(r["best"] for r in task["runs"])
+  assert summary["best"] == sum(bests) / 2 and summary["spread"]["best"] == bests
+  assert task["target"]["value"] >= max(bests)  # A loss target every run reaches.
 
 
 def test_step_cost_benchmark_runs(tmp_path, capsys):

@@ -1,8 +1,5 @@
-"""Training end to end: TKFAC trains faster per step than SGD, and the benchmark script runs."""
-
-import json
-import math
-import pathlib
+"""Training end to end: TKFAC trains faster per step than SGD (the benchmark script has its own
+tests in test_benchmarks.py)."""
 
 import flax.linen as nn
 import jax
@@ -13,8 +10,6 @@ import pytest
 from sklearn import datasets
 
 import tkfac_jax
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 class _MLP(nn.Module):
@@ -118,47 +113,3 @@ def test_tkfac_with_conv_damping_beats_sgd_per_step_on_a_cnn():
   )
   sgd = _train_loss(_CNN(), optax.sgd(lr, momentum=momentum), None, seed=0, images=True)
   assert natural < 0.3 * sgd, (natural, sgd)
-
-
-@pytest.mark.parametrize(
-    "model, optimizers",
-    [("mlp", ["tkfac", "kfac", "adam", "sgd"]), ("cnn", ["tkfac", "adam"])],
-)
-def test_benchmark_script_end_to_end(model, optimizers, tmp_path, capsys, monkeypatch):
-  """benchmarks/train.py on a few steps of the digits fallback writes a row per optimizer."""
-  monkeypatch.syspath_prepend(str(ROOT))
-  from benchmarks import train
-
-  out = tmp_path / "results.json"
-  train.main([
-      "--model", model,
-      "--optimizers", ",".join(optimizers),
-      "--steps", "3",
-      "--data-dir", str(tmp_path),  # Empty: falls back to the bundled digits.
-      "--no-progress",
-      "--json", str(out),
-  ])
-  captured = capsys.readouterr()
-  assert "Fashion-MNIST not found" in captured.err
-
-  report = json.loads(out.read_text())
-  settings = report["settings"]
-  assert settings["dataset"] == "digits"
-  assert settings["model"] == model
-  # The CNN runs TKFAC with the paper's damping for convolutions by default.
-  assert settings["conv_damping_floor"] == train.DEFAULTS[model]["conv_damping_floor"]
-  assert (settings["conv_damping_floor"] is not None) == (model == "cnn")
-  assert [r["optimizer"] for r in report["results"]] == optimizers
-  for row in report["results"]:
-    assert row["steps"] == 3
-    for key in ("seconds", "compile_seconds", "train_loss", "test_accuracy"):
-      assert math.isfinite(row[key]), (row["optimizer"], key, row[key])
-    assert 0 <= row["test_accuracy"] <= 1
-
-  header = next(line for line in captured.out.splitlines() if line.startswith("| optimizer"))
-  columns = [c.strip() for c in header.strip("|").split("|")]
-  assert columns == [
-      "optimizer", "steps", "seconds", "compile seconds", "train loss", "test accuracy"
-  ]
-  for name in optimizers:
-    assert any(line.startswith(f"| {name} |") for line in captured.out.splitlines())

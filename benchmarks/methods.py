@@ -1,0 +1,245 @@
+"""The optimizers the benchmark compares, behind one small interface.
+
+``create(name, task, hparams, dropout_key)`` returns a :class:`Runner`: ``start`` compiles (and
+initialises the optimizer state), ``step`` runs one training step. TKFAC, K-FAC (this library's
+mode), Adam and SGD are Optax transformations in one jitted step; kfac-jax is its own
+``kfac_jax.Optimizer``, which jits itself.
+
+Settings shared by all: momentum 0.9 (TKFAC, K-FAC, kfac-jax, SGD), no weight decay. TKFAC and
+K-FAC: factor decay 0.95, inverses every 10 steps, KL clipping 1e-3 (``tkfac_jax.tkfac``'s
+defaults), the empirical Fisher (statistics from the labels' gradients). kfac-jax: the same
+decay (``curvature_ema=0.95``) and inverse period (``inverse_update_period=10``), a fixed learning
+rate, momentum and damping (the same grid as TKFAC), no burn-in steps (it needs a data iterator),
+and its own default curvature estimator (``ggn_curvature_prop``: the generalised Gauss-Newton,
+which for these losses is the true Fisher) and pi-adjusted factored damping.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from typing import Any
+
+import jax
+import optax
+
+import tkfac_jax
+from benchmarks import tasks
+
+OPTIMIZERS = ("tkfac", "kfac", "kfac_jax", "adam", "sgd")
+SECOND_ORDER = ("tkfac", "kfac", "kfac_jax")
+MOMENTUM = 0.9
+INVERSE_EVERY = 10
+DECAY = 0.95
+# kfac-jax 0.0.8, its latest release, fails inside its graph matcher on jax >= 0.9.2 (ValueError:
+# too many values to unpack); the [bench] extra pins jax 0.9.1 for it.
+KFAC_JAX_MAX_JAX = (0, 9, 1)
+
+
+def _version(text: str) -> tuple[int, ...]:
+  return tuple(int(part) for part in text.split(".")[:3] if part.isdigit())
+
+
+def import_kfac_jax():
+  """``import kfac_jax``, without the DeprecationWarning it raises on import with jax 0.9."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # jax_pmap_shmap_merge, set by kfac-jax.
+    import kfac_jax
+
+  return kfac_jax
+
+
+def kfac_jax_unavailable() -> str | None:
+  """Why kfac-jax cannot run here (one line saying what to do), or None when it can."""
+  try:
+    kfac_jax = import_kfac_jax()
+  except ImportError as error:
+    return (
+        f"kfac-jax is not installed ({error}); pip install -e \".[bench]\" installs it with the "
+        "jax it works with."
+    )
+  except Exception as error:  # noqa: BLE001  Its dependencies can break on import, e.g. an old
+    # tensorflow-probability that reaches into jax internals removed since.
+    return (
+        f"kfac-jax fails on import ({type(error).__name__}: {error}); pip install -e \".[bench]\" "
+        "in a fresh environment installs versions that work together."
+    )
+  if _version(jax.__version__) > KFAC_JAX_MAX_JAX:
+    return (
+        f"kfac-jax {kfac_jax.__version__} fails on jax {jax.__version__} (it works up to jax "
+        f"{'.'.join(map(str, KFAC_JAX_MAX_JAX))}); pip install -e \".[bench]\" in a fresh "
+        "environment installs jax 0.9.1."
+    )
+  return None
+
+
+def _peak_bytes(compiled: Any) -> int | None:
+  """XLA's estimate of one call's peak: arguments + outputs + temporaries - aliased buffers."""
+  try:
+    m = compiled.memory_analysis()
+    return int(
+        m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+  except Exception:  # noqa: BLE001  Not every backend or jax version reports it.
+    return None
+
+
+class Runner:
+  """One optimizer on one task: ``start`` compiles and initialises, ``step`` trains.
+
+  The training state is ``(params, model_state, opt_state)``. Attributes set by ``start``:
+  ``start_seconds`` (initialising, compiling and running one step that is thrown away; the
+  memory analysis excluded) and ``peak_bytes`` (XLA's memory estimate of one step, or None).
+  """
+
+  start_seconds: float = 0.0
+  peak_bytes: int | None = None
+
+  def start(self, params, model_state, x, y):
+    raise NotImplementedError
+
+  def step(self, state, x, y, i: int):
+    raise NotImplementedError
+
+
+class OptaxRunner(Runner):
+  """An Optax transformation in one jitted step; with ``curvature``, TKFAC's statistics too.
+
+  Step ``i`` draws its dropout masks from ``fold_in(dropout_key, i)``, so every Optax optimizer
+  sees the same masks.
+  """
+
+  def __init__(self, task: tasks.Task, tx: optax.GradientTransformation, curvature: str | None,
+               dropout_key: jax.Array):
+    self.tx = tx
+
+    def loss_fn(params, model_state, x, y, rng):
+      logits, new_state = task.model.apply(
+          {"params": params, **model_state}, x, train=True, rngs={"dropout": rng},
+          mutable=list(model_state),
+      )
+      return task.loss(logits, x, y), new_state
+
+    def train_step(params, model_state, opt_state, x, y, i):
+      rng = jax.random.fold_in(dropout_key, i)
+      if curvature is None:
+        (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, model_state, x, y, rng
+        )
+        updates, opt_state = tx.update(grads, opt_state, params)
+      else:
+        (loss, model_state), grads, stats = tkfac_jax.value_grad_and_stats(
+            loss_fn, has_aux=True, curvature=curvature
+        )(params, model_state, x, y, rng)
+        updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+      return (optax.apply_updates(params, updates), model_state, opt_state), loss
+
+    self._jitted = jax.jit(train_step)
+
+  def start(self, params, model_state, x, y):
+    start = time.perf_counter()
+    opt_state = self.tx.init(params)
+    self._compiled = self._jitted.lower(params, model_state, opt_state, x, y, 0).compile()
+    # One step, thrown away, as kfac-jax's start needs: one-time costs of the first execution
+    # (allocations, thread pools) then stay out of every optimizer's training time alike.
+    jax.block_until_ready(self._compiled(params, model_state, opt_state, x, y, 0))
+    self.start_seconds = time.perf_counter() - start
+    self.peak_bytes = _peak_bytes(self._compiled)
+    return params, model_state, opt_state
+
+  def step(self, state, x, y, i):
+    return self._compiled(*state, x, y, i)
+
+
+class KfacJaxRunner(Runner):
+  """``kfac_jax.Optimizer`` with a fixed learning rate, momentum and damping.
+
+  kfac-jax compiles on its first step, so ``start`` runs one step on copies of the state (and
+  throws it away); the compile time is that call less one median step. kfac-jax promotes ranks
+  implicitly, so it runs with ``jax.numpy_rank_promotion("allow")`` whatever the caller's setting.
+  """
+
+  def __init__(self, task: tasks.Task, learning_rate: float, damping: float,
+               dropout_key: jax.Array):
+    kfac_jax = import_kfac_jax()
+    self._dropout_key = dropout_key
+
+    def loss_fn(params, model_state, rng, batch):
+      x, y = batch
+      logits, new_state = task.model.apply(
+          {"params": params, **model_state}, x, train=True, rngs={"dropout": rng},
+          mutable=list(model_state),
+      )
+      task.register_kfac_jax_loss(kfac_jax, logits, x, y)
+      return task.loss(logits, x, y), new_state
+
+    self.optimizer = kfac_jax.Optimizer(
+        value_and_grad_func=jax.value_and_grad(loss_fn, has_aux=True),
+        l2_reg=0.0,
+        value_func_has_state=True,
+        value_func_has_rng=True,
+        learning_rate_schedule=lambda _: learning_rate,
+        momentum_schedule=lambda _: MOMENTUM,
+        damping_schedule=lambda _: damping,
+        num_burnin_steps=0,
+        curvature_ema=DECAY,
+        inverse_update_period=INVERSE_EVERY,
+        multi_device=False,
+    )
+
+  def start(self, params, model_state, x, y):
+    opt = self.optimizer
+    # kfac-jax's step donates (deletes) its inputs: it trains, and compiles, on copies.
+    params, model_state = opt.copy_obj(params), opt.copy_obj(model_state)
+    rng = jax.random.fold_in(self._dropout_key, 0)
+    with jax.numpy_rank_promotion("allow"):
+      start = time.perf_counter()
+      opt_state = opt.init(params, rng, (x, y), model_state)
+      out = opt.step(opt.copy_obj(params), opt.copy_obj(opt_state), rng, batch=(x, y),
+                     func_state=opt.copy_obj(model_state), global_step_int=0)
+      jax.block_until_ready(out)
+      self.start_seconds = time.perf_counter() - start
+      self.peak_bytes = self._peak_bytes(params, opt_state, rng, (x, y), model_state)
+    return params, model_state, opt_state
+
+  def _peak_bytes(self, params, opt_state, rng, batch, model_state) -> int | None:
+    # The same analysis as the Optax steps', of kfac-jax's step function compiled once more.
+    step = functools.partial(self.optimizer._step, learning_rate=None, momentum=None,  # noqa: SLF001
+                             damping=None, should_update_estimate_curvature=True,
+                             should_update_damping=False)
+    try:
+      return _peak_bytes(jax.jit(step).lower(params, opt_state, rng, batch, model_state).compile())
+    except Exception:  # noqa: BLE001  A private function: report no figure rather than fail.
+      return None
+
+  def step(self, state, x, y, i):
+    params, model_state, opt_state = state
+    rng = jax.random.fold_in(self._dropout_key, i)
+    with jax.numpy_rank_promotion("allow"):
+      params, opt_state, model_state, stats = self.optimizer.step(
+          params, opt_state, rng, batch=(x, y), func_state=model_state, global_step_int=i
+      )
+    return (params, model_state, opt_state), stats["loss"]
+
+
+def create(name: str, task: tasks.Task, hparams: dict[str, Any],
+           dropout_key: jax.Array) -> Runner:
+  """The runner for the optimizer called ``name`` with ``hparams`` (learning_rate, damping)."""
+  lr = hparams["learning_rate"]
+  if name in ("tkfac", "kfac"):
+    tx = tkfac_jax.tkfac(
+        lr, hparams["damping"], conv_damping_floor=task.conv_damping_floor, momentum=MOMENTUM,
+        decay=DECAY, inverse_every=INVERSE_EVERY, curvature=name,
+    )
+    return OptaxRunner(task, tx, name, dropout_key)
+  if name == "kfac_jax":
+    return KfacJaxRunner(task, lr, hparams["damping"], dropout_key)
+  if name == "adam":
+    return OptaxRunner(task, optax.adam(lr), None, dropout_key)
+  if name == "sgd":
+    return OptaxRunner(task, optax.sgd(lr, momentum=MOMENTUM), None, dropout_key)
+  raise ValueError(f"Unknown optimizer {name!r}; choose from {OPTIMIZERS}.")
+
+

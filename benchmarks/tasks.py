@@ -1,0 +1,280 @@
+"""The benchmark's tasks: a model, its loss, what is measured, and its budgets.
+
+- ``autoencoder``: the deep autoencoder of the K-FAC literature (Hinton & Salakhutdinov 2006;
+  Martens 2010; Martens & Grosse 2015), 784-1000-500-250-30 and mirrored back, tanh units, a
+  linear 30-unit code, sigmoid cross-entropy reconstruction loss summed over the pixels. The
+  target is on the training loss.
+- ``mlp``: a ReLU classifier 784-256-128-10, softmax cross-entropy. The target is on test accuracy.
+- ``cnn``: conv3x3-16, BatchNorm, pool, conv3x3-32, BatchNorm, pool, dense 128, dropout, dense 10.
+  The target is on test accuracy. TKFAC and K-FAC use the paper's damping for convolutions.
+
+Every loss is a mean over the batch of a per-example loss, as TKFAC's statistics and kfac-jax's
+loss registration both assume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import data
+
+TASKS = ("autoencoder", "mlp", "cnn")
+# Training examples whose loss is evaluated as "train loss": a fixed subset bounds the time spent
+# evaluating (which is never counted as training time, but makes the benchmark longer).
+TRAIN_EVAL_EXAMPLES = 5000
+EVAL_BATCH = 2000  # Bounds the memory of the CNN's and the autoencoder's activations in evaluation.
+
+
+class MLP(nn.Module):
+  """A ReLU multilayer perceptron returning logits."""
+
+  hidden: Sequence[int]
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train  # The same call as the CNN's; nothing here behaves differently in training.
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class CNN(nn.Module):
+  """3x3 convolution, BatchNorm, ReLU and 2x2 max-pooling blocks, then a dropout MLP head.
+
+  Takes ``[B, H, W, C]`` images and returns logits. In training (``train=True``) BatchNorm uses
+  and updates the batch statistics (the mutable ``batch_stats`` collection) and dropout needs the
+  ``dropout`` rng; in evaluation BatchNorm uses its running averages and dropout is off.
+  """
+
+  features: Sequence[int]
+  hidden: int
+  num_classes: int
+  dropout_rate: float = 0.25
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for channels in self.features:
+      # No conv bias: BatchNorm's mean subtraction would cancel it.
+      x = nn.Conv(channels, (3, 3), use_bias=False)(x)
+      x = nn.BatchNorm(use_running_average=not train)(x)
+      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+    x = nn.relu(nn.Dense(self.hidden)(x.reshape(x.shape[0], -1)))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes)(x)
+
+
+class Autoencoder(nn.Module):
+  """tanh encoder down to a linear code, mirrored decoder; returns the reconstruction's logits."""
+
+  encoder: Sequence[int]  # Widths after the input, the last one the code.
+  outputs: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    widths = (*self.encoder, *reversed(self.encoder[:-1]))
+    for i, width in enumerate(widths):
+      x = nn.Dense(width)(x)
+      if i != len(self.encoder) - 1:  # The code layer is linear.
+        x = jnp.tanh(x)
+    return nn.Dense(self.outputs)(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """Training seconds per run (compilation and evaluation not counted) and evaluations per run."""
+
+  seconds: float
+  evaluations: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What one benchmark task trains, how it scores, and its default hyperparameters.
+
+  Attributes:
+    name: one of :data:`TASKS`.
+    model: the Flax module.
+    description: one line for the report.
+    classifier: softmax classifier (targets are labels) or autoencoder (targets are the inputs).
+    metric: ``"train_loss"`` or ``"test_accuracy"``, the figure the target is set on.
+    batch_size: examples per step.
+    conv_damping_floor: TKFAC's and K-FAC's ``nu`` for conv layers, or None.
+    budgets: ``"quick"`` and ``"full"`` :class:`Budget`.
+    held_out_examples: evaluate on this many held-out examples (a fixed subset), or all of them.
+    defaults: per optimizer, the hyperparameters used without ``--tune``.
+    grid: per optimizer, the grid ``--tune`` searches.
+  """
+
+  name: str
+  model: nn.Module
+  description: str
+  classifier: bool
+  metric: str
+  batch_size: int
+  conv_damping_floor: float | None
+  budgets: dict[str, Budget]
+  held_out_examples: int | None
+  defaults: dict[str, dict[str, Any]]
+  grid: dict[str, dict[str, Sequence[Any]]]
+
+  @property
+  def higher_is_better(self) -> bool:
+    return self.metric.endswith("accuracy")
+
+  def loss(self, logits: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Mean over the batch of the per-example loss."""
+    return jnp.mean(self.per_example_loss(logits, x, y))
+
+  def per_example_loss(self, logits: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
+    if self.classifier:
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return optax.sigmoid_binary_cross_entropy(logits, x).sum(-1)
+
+  def register_kfac_jax_loss(self, kfac_jax: Any, logits: jax.Array, x: jax.Array, y: jax.Array):
+    """Tells kfac-jax which loss the model's output feeds (its curvature needs the distribution)."""
+    if self.classifier:
+      kfac_jax.register_softmax_cross_entropy_loss(logits, y)
+    else:
+      kfac_jax.register_sigmoid_cross_entropy_loss(logits, x)
+
+
+# The grids --tune searches on the validation split, per optimizer: 3 learning rates; for the
+# second-order methods also 2 dampings. They bracket the defaults below.
+_SECOND_ORDER_GRID = {"learning_rate": (0.001, 0.003, 0.01), "damping": (1e-3, 1e-2)}
+
+
+def create(name: str, dataset: data.Dataset) -> Task:
+  """The task called ``name``, sized for ``dataset`` (digits are 8x8, Fashion-MNIST 28x28)."""
+  fashion = dataset.name == "fashion-mnist"
+  inputs = dataset.x_train.shape[1]
+  if name == "autoencoder":
+    encoder = (1000, 500, 250, 30) if fashion else (128, 64, 32, 8)
+    model = Autoencoder(encoder=encoder, outputs=inputs)
+    widths = (inputs, *encoder, *reversed(encoder[:-1]), inputs)
+    return Task(
+        name=name,
+        model=model,
+        description=f"autoencoder {'-'.join(map(str, widths))}, tanh, linear code, "
+        "sigmoid cross-entropy summed over pixels",
+        classifier=False,
+        metric="train_loss",
+        batch_size=256,
+        conv_damping_floor=None,
+        # Its loss is the metric: its test loss is only plotted, on a subset to save time.
+        budgets={"quick": Budget(10.0), "full": Budget(40.0)},
+        held_out_examples=TRAIN_EVAL_EXAMPLES,
+        defaults={
+            "tkfac": dict(learning_rate=0.003, damping=1e-2),
+            "kfac": dict(learning_rate=0.003, damping=1e-2),
+            "kfac_jax": dict(learning_rate=0.003, damping=1e-2),
+            "adam": dict(learning_rate=1e-3),
+            "sgd": dict(learning_rate=0.003),
+        },
+        grid={
+            "tkfac": _SECOND_ORDER_GRID,
+            "kfac": _SECOND_ORDER_GRID,
+            "kfac_jax": _SECOND_ORDER_GRID,
+            "adam": {"learning_rate": (3e-4, 1e-3, 3e-3)},
+            "sgd": {"learning_rate": (0.001, 0.003, 0.01)},
+        },
+    )
+  if name == "mlp":
+    hidden = (256, 128) if fashion else (64, 32)
+    model = MLP(hidden=hidden, num_classes=dataset.num_classes)
+    widths = (inputs, *hidden, dataset.num_classes)
+    return Task(
+        name=name,
+        model=model,
+        description=f"MLP {'-'.join(map(str, widths))}, relu, softmax cross-entropy",
+        classifier=True,
+        metric="test_accuracy",
+        batch_size=128,
+        conv_damping_floor=None,
+        budgets={"quick": Budget(8.0), "full": Budget(20.0)},
+        held_out_examples=None,
+        defaults={
+            "tkfac": dict(learning_rate=0.003, damping=1e-2),
+            "kfac": dict(learning_rate=0.003, damping=1e-2),
+            "kfac_jax": dict(learning_rate=0.003, damping=1e-2),
+            "adam": dict(learning_rate=1e-3),
+            "sgd": dict(learning_rate=0.03),
+        },
+        grid={
+            "tkfac": _SECOND_ORDER_GRID,
+            "kfac": _SECOND_ORDER_GRID,
+            "kfac_jax": _SECOND_ORDER_GRID,
+            "adam": {"learning_rate": (3e-4, 1e-3, 3e-3)},
+            "sgd": {"learning_rate": (0.01, 0.03, 0.1)},
+        },
+    )
+  if name == "cnn":
+    features, hidden = (16, 32), (128 if fashion else 64)
+    model = CNN(features=features, hidden=hidden, num_classes=dataset.num_classes)
+    convs = " ".join(f"conv3x3-{c} bn relu pool2" for c in features)
+    return Task(
+        name=name,
+        model=model,
+        description=f"CNN {'x'.join(map(str, dataset.image_shape))} {convs} dense-{hidden} relu "
+        f"dropout-{model.dropout_rate:g} dense-{dataset.num_classes}, softmax cross-entropy",
+        classifier=True,
+        metric="test_accuracy",
+        batch_size=128,
+        conv_damping_floor=1e-2,  # The paper's damping for convolutions.
+        budgets={"quick": Budget(10.0), "full": Budget(40.0)},
+        held_out_examples=None,
+        defaults={
+            "tkfac": dict(learning_rate=0.003, damping=1e-2),
+            "kfac": dict(learning_rate=0.003, damping=1e-2),
+            "kfac_jax": dict(learning_rate=0.003, damping=1e-2),
+            "adam": dict(learning_rate=3e-3),
+            "sgd": dict(learning_rate=0.03),
+        },
+        grid={
+            "tkfac": _SECOND_ORDER_GRID,
+            "kfac": _SECOND_ORDER_GRID,
+            "kfac_jax": _SECOND_ORDER_GRID,
+            "adam": {"learning_rate": (1e-3, 3e-3, 1e-2)},
+            "sgd": {"learning_rate": (0.01, 0.03, 0.1)},
+        },
+    )
+  raise ValueError(f"Unknown task {name!r}; choose from {TASKS}.")
+
+
+def prepare(task: Task, dataset: data.Dataset) -> data.Dataset:
+  """The data in the shape the task's model takes (images for the CNN)."""
+  return dataset.as_images() if isinstance(task.model, CNN) else dataset
+
+
+def make_evaluate(task: Task) -> Callable[..., dict[str, float]]:
+  """``evaluate(params, model_state, x, y)``: mean loss (and accuracy) in evaluation mode."""
+
+  @jax.jit
+  def batch_sums(params, model_state, x, y):
+    logits = task.model.apply({"params": params, **model_state}, x, train=False)
+    loss = jnp.sum(task.per_example_loss(logits, x, y))
+    correct = jnp.sum(jnp.argmax(logits, -1) == y) if task.classifier else jnp.zeros(())
+    return loss, correct
+
+  def evaluate(params, model_state, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    loss, correct = 0.0, 0
+    for start in range(0, len(x), EVAL_BATCH):
+      batch_loss, batch_correct = batch_sums(
+          params, model_state, x[start : start + EVAL_BATCH], y[start : start + EVAL_BATCH]
+      )
+      loss += float(batch_loss)
+      correct += int(batch_correct)
+    scores = {"loss": loss / len(x)}
+    if task.classifier:
+      scores["accuracy"] = correct / len(x)
+    return scores
+
+  return evaluate
