@@ -255,7 +255,7 @@ def choose_target(metric: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]
   Among the runs that trained (no error, no divergence, and at least :data:`PROGRESS` of the way
   from the initial value to the best of any run), the weakest just reaches the target at the end
   of its budget, so each of them has a time to target; a run that made no such progress is named
-  in the rule and does not reach it. Accuracy is rounded down to a multiple of 0.005; a loss is
+  in the rule (and, short of rounding, does not reach it). Accuracy is rounded down to a multiple of 0.005; a loss is
   rounded up to 3 significant digits.
   """
   higher = higher_is_better(metric)
@@ -281,7 +281,7 @@ def choose_target(metric: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]
       f"initial value ({initial:.4g}) and the best of any run ({best:.4g})"
   )
   if stalled:
-    rule += "; " + ", ".join(stalled) + " did not, and do not reach it"
+    rule += "; " + ", ".join(stalled) + " did not"
   return {"value": value, "weakest_best": worst, "rule": rule, "no_progress": stalled}
 
 
