@@ -4,7 +4,8 @@ For every optimizer, on the same data order and from the same initial parameters
 
 - training runs for a fixed budget of *training* seconds: each step is timed to
   ``block_until_ready``; compilation and evaluation are outside the clock;
-- the model is evaluated ``budget.evaluations`` times, evenly in training seconds (and at step 0);
+- the model is evaluated at step 0, ``budget.evaluations`` times evenly in training seconds, and
+  ``budget.early`` times more within the first interval (see :func:`evaluation_times`);
 - figures: median step time (every step after the compiled warm-up), compile time, XLA's peak
   memory estimate of one step, the best value of the task's metric within the budget, and the
   steps and training seconds to reach a target (the first evaluation that meets it).
@@ -92,6 +93,19 @@ def better(metric: str, a: float, b: float) -> bool:
   return a > b if higher_is_better(metric) else a < b
 
 
+def evaluation_times(budget: tasks.Budget) -> list[float]:
+  """Training seconds at which a run is evaluated (besides step 0 and its last step).
+
+  ``budget.evaluations`` evenly spaced times, the last at the budget, and before the first of them
+  ``budget.early`` more that halve the interval each time (1/2, 1/4, ... of it). A fast optimizer
+  can meet the target well before the first evenly spaced evaluation; without these its time to
+  target would be that evaluation's time, an upper bound.
+  """
+  every = budget.seconds / budget.evaluations
+  early = [every * 2.0**-k for k in range(budget.early, 0, -1)]
+  return early + [every * k for k in range(1, budget.evaluations + 1)]
+
+
 def train_one(
     task: tasks.Task,
     name: str,
@@ -132,8 +146,8 @@ def train_one(
   history = [evaluation(state, 0, 0.0)]
   step_seconds: list[float] = []
   trained, diverged = 0.0, False
-  every = budget.seconds / budget.evaluations
-  next_evaluation = every
+  times = evaluation_times(budget)
+  next_evaluation = 0  # Index into times.
   bar = tqdm.tqdm(
       total=round(budget.seconds, 1), desc=label or name, unit="s", leave=False,
       disable=not progress, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} s "
@@ -156,12 +170,12 @@ def train_one(
     diverged = not math.isfinite(loss)
     done = (diverged or trained >= budget.seconds
             or (max_steps is not None and len(step_seconds) >= max_steps))
-    if trained >= next_evaluation or done:
+    if done or (next_evaluation < len(times) and trained >= times[next_evaluation]):
       history.append(evaluation(state, i + 1, trained))
       value = metric_of(task.metric, history[-1])
       bar.set_postfix_str(f"step {i + 1} {task.metric} {value:.4g}")
-      while next_evaluation <= trained:
-        next_evaluation += every
+      while next_evaluation < len(times) and times[next_evaluation] <= trained:
+        next_evaluation += 1
     if diverged:
       break
   bar.close()
@@ -389,9 +403,11 @@ def run_task(
       "metric": task.metric,
       "batch_size": task.batch_size,
       "conv_damping_floor": task.conv_damping_floor,
-      "budget": {"seconds": budget.seconds, "evaluations": budget.evaluations},
+      "budget": {"seconds": budget.seconds, "evaluations": budget.evaluations,
+                 "early_evaluations": budget.early},
       "tune_budget": (
-          {"seconds": tune_budget.seconds, "evaluations": tune_budget.evaluations}
+          {"seconds": tune_budget.seconds, "evaluations": tune_budget.evaluations,
+           "early_evaluations": tune_budget.early}
           if tune_budget else None
       ),
       "max_steps": max_steps,

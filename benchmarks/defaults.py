@@ -16,17 +16,13 @@ more.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
-import os
 import pathlib
-import platform
 import sys
 import time
 from typing import Any, Sequence
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,7 +34,7 @@ if __package__ in (None, ""):  # Run as `python benchmarks/defaults.py`.
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import tkfac_jax  # noqa: E402
-from benchmarks import data  # noqa: E402
+from benchmarks import data, machine  # noqa: E402
 
 VALIDATION = 10_000  # Examples held out of the training set to score settings on (a fifth of
 # the digits fallback, which has 1500).
@@ -225,19 +221,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   dataset = data.load(args.data_dir)
   run = make_run(dataset, args.batch_size)
-  machine = {
-      "cpu": next(
-          (l.split(":", 1)[1].strip() for l in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-           if l.startswith("model name")),
-          platform.machine(),
-      ) if pathlib.Path("/proc/cpuinfo").exists() else platform.machine(),
-      "cpu_count": os.cpu_count(),
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "flax": flax.__version__,
-      "optax": optax.__version__,
-      "tkfac_jax": tkfac_jax.__version__,
-  }
+  where, found = machine.machine_info(), machine.versions()
   defaults = {"damping": 1e-3, "kl_clip": 1e-3, "weight_decay": None}
   # What the library's own tkfac() defaults are, read from its signature.
   import inspect  # pylint: disable=import-outside-toplevel
@@ -246,8 +230,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   defaults = {k: params[k].default for k in defaults}
   model = "-".join(str(w) for w in (dataset.x_train.shape[1], *HIDDEN[dataset.name], dataset.num_classes))
   print(
-      f"machine: {machine['cpu']} ({machine['cpu_count']} cores) | jax {machine['jax']}, flax "
-      f"{machine['flax']}, optax {machine['optax']}\n"
+      f"{machine.describe(where, found)}\n"
       f"data: {dataset.name}, {len(dataset.y_train) - validation_size(len(dataset.y_train))} train"
       f" / {validation_size(len(dataset.y_train))} validation"
       f" | model: MLP {model} relu, softmax cross-entropy, batch {args.batch_size}\n"
@@ -269,8 +252,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     epochs = args.epochs if settings["sweep"] == 1 else args.wd_epochs
     results.append(run(settings, epochs, seed))
   out = {
-      "date": datetime.date.today().isoformat(),
-      "machine": machine,
+      "date": machine.today(),
+      "machine": where,
+      "versions": found,
       "dataset": dataset.name,
       "settings": vars(args),
       "library_defaults": defaults,

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -36,9 +35,7 @@ if __name__ == "__main__":
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_count}"
     )
 
-import flax  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
@@ -49,7 +46,7 @@ if __package__ in (None, ""):
 
 import tkfac_jax  # noqa: E402
 from benchmarks.step_cost import MLP  # noqa: E402
-from benchmarks.train import cpu_model  # noqa: E402
+from benchmarks import machine  # noqa: E402
 
 DEFAULT_WIDTHS = "128,256,96,192,64,320,160,224,128,288,96,256"
 
@@ -125,15 +122,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
   dims = [args.inputs + 1] + [w + 1 for w in widths] + [10]
   header = {
-      "machine": f"{cpu_model()} ({len(devices)} {jax.default_backend()} device(s), "
-      f"{len(os.sched_getaffinity(0))} cores available)",
-      "versions": {
-          "python": platform.python_version(),
-          "jax": jax.__version__,
-          "flax": flax.__version__,
-          "optax": optax.__version__,
-          "tkfac_jax": tkfac_jax.__version__,
-      },
+      "machine": machine.machine_info(),
+      "versions": machine.versions(),
       "settings": {
           "model": f"MLP {args.inputs}-{'-'.join(map(str, widths))}-10 "
           f"({len(widths) + 1} Dense layers)",
@@ -142,14 +132,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
           "repeats": args.repeats,
           "steps_per_repeat": args.steps,
           "factor_sizes": sorted(set(dims)),
-          # jaxlib's CPU LAPACK calls run on scipy's OpenBLAS, whose threads contend badly when
-          # the cores are oversubscribed (8 virtual devices on a few cores): it matters here.
-          "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "unset"),
       },
-      "date": time.strftime("%Y-%m-%d"),
+      "date": machine.today(),
   }
-  print(f"machine: {header['machine']}")
-  print("versions: " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()))
+  print(machine.describe(header["machine"], header["versions"]))
   print("settings: " + ", ".join(f"{k} {v}" for k, v in header["settings"].items()))
   print()
   print("| step | median ms | inverse refresh ms |")
@@ -194,7 +180,7 @@ def _plot(median: dict, inverse_cost: dict, path: pathlib.Path, header: dict) ->
     ax.set_title(title)
     ax.invert_yaxis()
   fig.suptitle(f"{header['settings']['model']}, batch {header['settings']['batch_size']}, "
-               f"{header['settings']['mesh']} — {header['machine']}, {header['date']}", fontsize=8)
+               f"{header['settings']['mesh']} — {header['machine']['cpu']} ({header['machine']['cpu_count']} cores), {header['date']}", fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -6,10 +6,10 @@ mode), Adam and SGD are Optax transformations in one jitted step; kfac-jax is it
 ``kfac_jax.Optimizer``, which jits itself.
 
 Settings shared by all: momentum 0.9 (TKFAC, K-FAC, kfac-jax, SGD), no weight decay. TKFAC and
-K-FAC: factor decay 0.95, inverses every 10 steps, KL clipping 1e-3 (``tkfac_jax.tkfac``'s
-defaults), the empirical Fisher (statistics from the labels' gradients). kfac-jax: the same
+K-FAC: factor decay 0.95, inverses every 10 steps, KL clipping ``hparams["kl_clip"]`` (by default
+1e-4, ``tkfac_jax.tkfac``'s default), the empirical Fisher (statistics from the labels' gradients). kfac-jax: the same
 decay (``curvature_ema=0.95``) and inverse period (``inverse_update_period=10``), a fixed learning
-rate, momentum and damping (the same grid as TKFAC), no burn-in steps (it needs a data iterator),
+rate, momentum and damping (from its own grid: it has no KL clip), no burn-in steps (it needs a data iterator),
 and its own default curvature estimator (``ggn_curvature_prop``: the generalised Gauss-Newton,
 which for these losses is the true Fisher) and pi-adjusted factored damping.
 """
@@ -32,6 +32,7 @@ SECOND_ORDER = ("tkfac", "kfac", "kfac_jax")
 MOMENTUM = 0.9
 INVERSE_EVERY = 10
 DECAY = 0.95
+KL_CLIP = 1e-4  # tkfac_jax.tkfac's default; a task's grid may search it as well.
 # kfac-jax 0.0.8, its latest release, fails inside its graph matcher on jax >= 0.9.2 (ValueError:
 # too many values to unpack); the [bench] extra pins jax 0.9.1 for it.
 KFAC_JAX_MAX_JAX = (0, 9, 1)
@@ -232,6 +233,7 @@ def create(name: str, task: tasks.Task, hparams: dict[str, Any],
     tx = tkfac_jax.tkfac(
         lr, hparams["damping"], conv_damping_floor=task.conv_damping_floor, momentum=MOMENTUM,
         decay=DECAY, inverse_every=INVERSE_EVERY, curvature=name,
+        kl_clip=hparams.get("kl_clip", KL_CLIP),
     )
     return OptaxRunner(task, tx, name, dropout_key)
   if name == "kfac_jax":

@@ -53,11 +53,14 @@ def task_table(task: dict[str, Any]) -> str:
   budget = task["budget"]
   header = (
       f"**{task['task']}**: {task['description']}; batch {task['batch_size']}; "
-      f"{budget['seconds']:g} s of training per run, evaluated {budget['evaluations']} times; "
+      f"{budget['seconds']:g} s of training per run, evaluated {budget['evaluations']} times "
+      f"evenly and {budget.get('early_evaluations', 0)} times early; "
       f"medians over {max((s.get('seeds', 0) for s in task['summary'].values()), default=0)} "
       f"seed(s). Target: {metric} "
       + (f"{'≥' if task['metric'].endswith('accuracy') else '≤'} {target:g} "
          f"({task['target']['rule']})." if target is not None else "none (no run trained).")
+      + (f" The task took {task['wall_seconds'] / 60:.1f} minutes of wall time, tuning, "
+         "compiling and evaluating included." if "wall_seconds" in task else "")
   )
   return header + "\n\n" + "\n".join(lines)
 
@@ -66,9 +69,12 @@ def markdown(report: dict[str, Any]) -> str:
   """The whole report as Markdown: machine, versions, settings, then a table per task."""
   m = report["machine"]
   versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+  load = m.get("load_average")
   parts = [
       f"Run of {report['date']} on {m['cpu']} ({m['cpu_count']} cores, jax device "
-      f"{m['device']}); {versions}.",
+      f"{m['device']}" + (f", load average {load[0]:.1f} at the start" if load else "")
+      + (f", OPENBLAS_NUM_THREADS={m['OPENBLAS_NUM_THREADS']}" if "OPENBLAS_NUM_THREADS" in m
+         else "") + f"); {versions}.",
       f"Data: {report['dataset']}. Command: `{report['command']}`.",
       report["notes"],
   ]

@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
 from typing import Callable, Sequence
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,7 +35,7 @@ if __package__ in (None, ""):
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import tkfac_jax  # noqa: E402
-from benchmarks.train import cpu_model  # noqa: E402
+from benchmarks import machine  # noqa: E402
 
 
 class MLP(nn.Module):
@@ -133,25 +130,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
   }
 
   header = {
-      "machine": f"{cpu_model()} ({jax.device_count()} {jax.default_backend()} device(s), "
-      f"{len(os.sched_getaffinity(0))} cores available)",
-      "versions": {
-          "python": platform.python_version(),
-          "jax": jax.__version__,
-          "flax": flax.__version__,
-          "optax": optax.__version__,
-          "tkfac_jax": tkfac_jax.__version__,
-      },
+      "machine": machine.machine_info(),
+      "versions": machine.versions(),
       "settings": {
           "model": f"MLP {args.inputs}-{'-'.join(map(str, hidden))}-10",
           "batch_size": args.batch_size,
           "repeats": args.repeats,
           "steps_per_repeat": args.steps,
       },
-      "date": time.strftime("%Y-%m-%d"),
+      "date": machine.today(),
   }
-  print(f"machine: {header['machine']}")
-  print("versions: " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()))
+  print(machine.describe(header["machine"], header["versions"]))
   print("settings: " + ", ".join(f"{k} {v}" for k, v in header["settings"].items()))
   print()
   print("| step | median ms | x Adam |")
@@ -202,7 +191,7 @@ def _plot(median: dict, amortised: dict, path: pathlib.Path, header: dict) -> No
     ax.invert_yaxis()
     ax.legend(loc="lower right")
   fig.suptitle(f"{header['settings']['model']}, batch {header['settings']['batch_size']} — "
-               f"{header['machine']}, {header['date']}", fontsize=9)
+               f"{header['machine']['cpu']} ({header['machine']['cpu_count']} cores), {header['date']}", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
