@@ -19,7 +19,6 @@ count; virtual devices share the machine's cores, which bounds what spreading ca
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
@@ -155,35 +154,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
       "inverse_ratio_spread_to_replicated": ratio,
       "refresh_step_ratio_spread_to_replicated": median["spread"] / median["replicated"],
   }
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-  _plot(median, inverse_cost, out.with_suffix(".png"), header)
-  print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+  settings, where = header["settings"], header["machine"]
+  machine.write_timings(
+      result, args.out,
+      [("whole step (median)", median), ("inverse refresh (step minus no_refresh)", inverse_cost)],
+      f"{settings['model']}, batch {settings['batch_size']}, {settings['mesh']} — {where['cpu']} "
+      f"({where['cpu_count']} cores), {header['date']}",
+  )
   return result
-
-
-def _plot(median: dict, inverse_cost: dict, path: pathlib.Path, header: dict) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for ax, values, title in [
-      (axes[0], median, "whole step (median)"),
-      (axes[1], inverse_cost, "inverse refresh (step minus no_refresh)"),
-  ]:
-    names = list(values)
-    ax.barh(names, [1e3 * values[n] for n in names], color="tab:blue")
-    ax.set_xlabel("milliseconds")
-    ax.set_title(title)
-    ax.invert_yaxis()
-  fig.suptitle(f"{header['settings']['model']}, batch {header['settings']['batch_size']}, "
-               f"{header['settings']['mesh']} — {header['machine']['cpu']} ({header['machine']['cpu_count']} cores), {header['date']}", fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 if __name__ == "__main__":

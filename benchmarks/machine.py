@@ -7,6 +7,7 @@ can be compared line for line.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import pathlib
 import platform
@@ -83,3 +84,36 @@ def describe(machine: dict[str, Any], found: dict[str, str]) -> str:
       + f", OPENBLAS_NUM_THREADS={machine['OPENBLAS_NUM_THREADS']} | "
       + ", ".join(f"{k} {v}" for k, v in found.items())
   )
+
+
+def write_timings(result: dict[str, Any], out: str | pathlib.Path,
+                  panels: list[tuple[str, dict[str, float]]], title: str,
+                  reference: tuple[str, float] | None = None) -> None:
+  """Writes ``result`` to ``out``.json and ``out``.png: one bar chart of seconds per panel.
+
+  ``panels`` are (title, {name: seconds}); ``reference`` is (label, seconds) drawn as a line on
+  every panel (the baseline the bars are read against).
+  """
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+  for ax, (panel_title, values) in zip(axes[0], panels):
+    names = list(values)
+    ax.barh(names, [1e3 * values[n] for n in names], color="tab:blue")
+    if reference is not None:
+      ax.axvline(1e3 * reference[1], color="tab:red", linestyle="--", label=reference[0])
+      ax.legend(loc="lower right")
+    ax.set_xlabel("milliseconds")
+    ax.set_title(panel_title)
+    ax.invert_yaxis()
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(out.with_suffix(".png"), dpi=120)
+  plt.close(fig)
+  print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")

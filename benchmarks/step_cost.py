@@ -18,7 +18,6 @@ and a plot::
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -164,37 +163,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
       "amortised_seconds_per_step": amortised,
       "ratios_to_adam": {k: v / median["adam"] for k, v in {**median, **amortised}.items()},
   }
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-  _plot(median, amortised, out.with_suffix(".png"), header)
-  print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+  settings, where = header["settings"], header["machine"]
+  machine.write_timings(
+      result, args.out,
+      [("one step (median)", median), ("amortised over the cadence", amortised)],
+      f"{settings['model']}, batch {settings['batch_size']} — {where['cpu']} "
+      f"({where['cpu_count']} cores), {header['date']}",
+      reference=("Adam step", median["adam"]),
+  )
   return result
-
-
-def _plot(median: dict, amortised: dict, path: pathlib.Path, header: dict) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-  for ax, values, title in [
-      (axes[0], median, "one step (median)"),
-      (axes[1], amortised, "amortised over the cadence"),
-  ]:
-    names = list(values)
-    ax.barh(names, [1e3 * values[n] for n in names], color="tab:blue")
-    ax.axvline(1e3 * median["adam"], color="tab:red", linestyle="--", label="Adam step")
-    ax.set_xlabel("milliseconds per step")
-    ax.set_title(title)
-    ax.invert_yaxis()
-    ax.legend(loc="lower right")
-  fig.suptitle(f"{header['settings']['model']}, batch {header['settings']['batch_size']} — "
-               f"{header['machine']['cpu']} ({header['machine']['cpu_count']} cores), {header['date']}", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -163,6 +163,20 @@ _KFAC_JAX_GRID = {"learning_rate": (0.001, 0.003, 0.01), "damping": (1e-3, 1e-2)
 _KFAC_JAX_SUMMED_GRID = {"learning_rate": (3e-4, 1e-3, 3e-3), "damping": (1e-2, 1e-1)}
 
 
+def _defaults(second_order: dict[str, Any], kfac_jax: dict[str, Any], *, adam: float,
+              sgd: float) -> dict[str, dict[str, Any]]:
+  """Per optimizer, the settings used without --tune (TKFAC and K-FAC share theirs)."""
+  return {"tkfac": dict(second_order), "kfac": dict(second_order), "kfac_jax": dict(kfac_jax),
+          "adam": {"learning_rate": adam}, "sgd": {"learning_rate": sgd}}
+
+
+def _grids(kfac_jax: dict[str, Sequence[Any]], *, adam: Sequence[float],
+           sgd: Sequence[float]) -> dict[str, dict[str, Sequence[Any]]]:
+  """Per optimizer, the grid --tune searches (TKFAC and K-FAC share :data:`_TKFAC_GRID`)."""
+  return {"tkfac": _TKFAC_GRID, "kfac": _TKFAC_GRID, "kfac_jax": kfac_jax,
+          "adam": {"learning_rate": tuple(adam)}, "sgd": {"learning_rate": tuple(sgd)}}
+
+
 def create(name: str, dataset: data.Dataset) -> Task:
   """The task called ``name``, sized for ``dataset`` (digits are 8x8, Fashion-MNIST 28x28)."""
   fashion = dataset.name == "fashion-mnist"
@@ -184,20 +198,9 @@ def create(name: str, dataset: data.Dataset) -> Task:
         budgets={"quick": Budget(10.0), "full": Budget(60.0)},
         held_out_examples=TRAIN_EVAL_EXAMPLES,
         # From 10 s probes on the validation split (seed 0); --tune searches the grids below.
-        defaults={
-            "tkfac": dict(learning_rate=0.03, damping=1e-1, kl_clip=1e-2),
-            "kfac": dict(learning_rate=0.03, damping=1e-1, kl_clip=1e-2),
-            "kfac_jax": dict(learning_rate=1e-3, damping=1e-1),
-            "adam": dict(learning_rate=1e-3),
-            "sgd": dict(learning_rate=0.003),
-        },
-        grid={
-            "tkfac": _TKFAC_GRID,
-            "kfac": _TKFAC_GRID,
-            "kfac_jax": _KFAC_JAX_SUMMED_GRID,
-            "adam": {"learning_rate": (3e-4, 1e-3, 3e-3)},
-            "sgd": {"learning_rate": (0.001, 0.003, 0.01)},
-        },
+        defaults=_defaults(dict(learning_rate=0.03, damping=1e-1, kl_clip=1e-2),
+                           dict(learning_rate=1e-3, damping=1e-1), adam=1e-3, sgd=0.003),
+        grid=_grids(_KFAC_JAX_SUMMED_GRID, adam=(3e-4, 1e-3, 3e-3), sgd=(0.001, 0.003, 0.01)),
     )
   if name == "mlp":
     hidden = (256, 128) if fashion else (64, 32)
@@ -213,20 +216,9 @@ def create(name: str, dataset: data.Dataset) -> Task:
         conv_damping_floor=None,
         budgets={"quick": Budget(8.0), "full": Budget(30.0)},
         held_out_examples=None,
-        defaults={
-            "tkfac": dict(learning_rate=0.003, damping=1e-2),
-            "kfac": dict(learning_rate=0.003, damping=1e-2),
-            "kfac_jax": dict(learning_rate=0.003, damping=1e-2),
-            "adam": dict(learning_rate=1e-3),
-            "sgd": dict(learning_rate=0.03),
-        },
-        grid={
-            "tkfac": _TKFAC_GRID,
-            "kfac": _TKFAC_GRID,
-            "kfac_jax": _KFAC_JAX_GRID,
-            "adam": {"learning_rate": (3e-4, 1e-3, 3e-3)},
-            "sgd": {"learning_rate": (0.01, 0.03, 0.1)},
-        },
+        defaults=_defaults(dict(learning_rate=0.003, damping=1e-2),
+                           dict(learning_rate=0.003, damping=1e-2), adam=1e-3, sgd=0.03),
+        grid=_grids(_KFAC_JAX_GRID, adam=(3e-4, 1e-3, 3e-3), sgd=(0.01, 0.03, 0.1)),
     )
   if name == "cnn":
     features, hidden = (16, 32), (128 if fashion else 64)
@@ -243,20 +235,9 @@ def create(name: str, dataset: data.Dataset) -> Task:
         conv_damping_floor=1e-2,  # The paper's damping for convolutions.
         budgets={"quick": Budget(10.0), "full": Budget(45.0)},
         held_out_examples=None,
-        defaults={
-            "tkfac": dict(learning_rate=0.003, damping=1e-2),
-            "kfac": dict(learning_rate=0.003, damping=1e-2),
-            "kfac_jax": dict(learning_rate=0.003, damping=1e-2),
-            "adam": dict(learning_rate=3e-3),
-            "sgd": dict(learning_rate=0.03),
-        },
-        grid={
-            "tkfac": _TKFAC_GRID,
-            "kfac": _TKFAC_GRID,
-            "kfac_jax": _KFAC_JAX_GRID,
-            "adam": {"learning_rate": (1e-3, 3e-3, 1e-2)},
-            "sgd": {"learning_rate": (0.01, 0.03, 0.1)},
-        },
+        defaults=_defaults(dict(learning_rate=0.003, damping=1e-2),
+                           dict(learning_rate=0.003, damping=1e-2), adam=3e-3, sgd=0.03),
+        grid=_grids(_KFAC_JAX_GRID, adam=(1e-3, 3e-3, 1e-2), sgd=(0.01, 0.03, 0.1)),
     )
   raise ValueError(f"Unknown task {name!r}; choose from {TASKS}.")
 

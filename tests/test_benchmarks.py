@@ -132,3 +132,38 @@ def test_inverse_spread_benchmark_runs(tmp_path, capsys):
   assert json.loads(out.with_suffix(".json").read_text())["settings"]["mesh"] == "data=8"
   assert out.with_suffix(".png").stat().st_size > 0
   assert "spread / replicated" in capsys.readouterr().out
+
+
+def test_evaluation_times_resolve_the_start_of_a_run():
+  """Evenly spaced evaluations, and ``early`` more halving the first interval each time."""
+  from benchmarks import compare, tasks
+
+  assert compare.evaluation_times(tasks.Budget(16.0, 4, early=2)) == [1.0, 2.0, 4.0, 8.0, 12.0,
+                                                                       16.0]
+  assert compare.evaluation_times(tasks.Budget(3.0, 3, early=0)) == [1.0, 2.0, 3.0]
+
+
+def test_kl_clip_from_the_grid_reaches_the_optimizer(tmp_path):
+  """A grid point's kl_clip is the one TKFAC runs with: a tiny clip all but freezes the step."""
+  import jax
+  import numpy as np
+
+  from benchmarks import compare, data, tasks
+
+  dataset = data.load(str(tmp_path))  # The bundled digits.
+  task = tasks.create("mlp", dataset)
+  split = compare.final_split(dataset)
+  x, y = split.x_train[: task.batch_size], split.y_train[: task.batch_size]
+  variables = task.model.init(jax.random.key(0), x)
+  moved = {}
+  for kl_clip in (1e-12, 1e-2):
+    runner = methods.create(
+        "tkfac", task, dict(learning_rate=0.1, damping=1e-2, kl_clip=kl_clip), jax.random.key(1))
+    state = runner.start(variables["params"], {}, x, y)
+    (params, _, _), _ = runner.step(state, x, y, 0)
+    moved[kl_clip] = max(
+        float(np.max(np.abs(a - b))) for a, b in zip(
+            jax.tree.leaves(params), jax.tree.leaves(variables["params"])))
+  # The clipped step is sqrt(1e-12 / 1e-2) = 1e-5 of the other at most (momentum's first step is
+  # the update itself).
+  assert 0 < moved[1e-12] < 1e-4 * moved[1e-2]
