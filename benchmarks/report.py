@@ -118,10 +118,13 @@ def plot(task: dict[str, Any], path: pathlib.Path, title: str) -> None:
   for row, (key, _) in enumerate(rows):
     for col in range(2):
       ax = axes[row][col]
-      if col == 0:
-        ax.set_xscale("symlog", linthresh=10)
+      # Logarithmic in steps and in seconds (linear near 0, where step 0 sits): the early
+      # evaluations, where the targets are met, would otherwise be squeezed against the axis.
+      ax.set_xscale("symlog", linthresh=10 if col == 0 else 0.1)
       if key != "eval_accuracy":
         ax.set_yscale("log")
+      elif target is not None:  # Accuracy from a little below the target up: the part that differs.
+        ax.set_ylim(max(0.0, target - 0.15), min(1.0, max(target + 0.05, ax.get_ylim()[1])))
       if target is not None and key == ("eval_accuracy" if classifier else "train_loss"):
         ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target")
       ax.grid(alpha=0.3)
