@@ -281,13 +281,8 @@ def choose_target(metric: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]
   gap = best - initial
   trained = [r for r in good if gap == 0 or (r["best"] - initial) / gap >= PROGRESS]
   stalled = [f"{r['optimizer']} seed {r['seed']}" for r in good if r not in trained]
-  if higher:
-    worst = min(r["best"] for r in trained)
-    value = math.floor(worst * 200) / 200
-  else:
-    worst = max(r["best"] for r in trained)
-    scale = 10 ** (math.floor(math.log10(abs(worst))) - 2) if worst else 1.0
-    value = math.ceil(worst / scale) * scale
+  worst = (min if higher else max)(r["best"] for r in trained)
+  value = _round_target(metric, worst)
   rule = (
       f"the best {metric.replace('_', ' ')} that the weakest run reached within the budget, "
       "rounded " + ("down to 0.005" if higher else "up to 3 digits") + ", so that every run "
@@ -297,6 +292,38 @@ def choose_target(metric: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]
   if stalled:
     rule += "; " + ", ".join(stalled) + " did not"
   return {"value": value, "weakest_best": worst, "rule": rule, "no_progress": stalled}
+
+
+def _round_target(metric: str, value: float) -> float:
+  """Accuracy rounded down to a multiple of 0.005; a loss rounded up to 3 significant digits."""
+  if higher_is_better(metric):
+    return math.floor(value * 200) / 200
+  scale = 10 ** (math.floor(math.log10(abs(value))) - 2) if value else 1.0
+  return math.ceil(value / scale) * scale
+
+
+def choose_stretch_target(metric: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """A harder target than :func:`choose_target`'s: not every method reaches it.
+
+  The weakest method sets the common target, so when one method is far behind, every other one
+  meets it within a second and the times to target say little. The stretch target is the median
+  over optimizers of each optimizer's median best value (over seeds), rounded as the target is:
+  about half of the methods reach it, and the table says which, how many seeds, and when.
+  """
+  good = [r for r in runs if "error" not in r and not r["diverged"]]
+  names = list(dict.fromkeys(r["optimizer"] for r in good))
+  if not names:
+    return {"value": None, "rule": "no run trained"}
+  per_optimizer = [statistics.median(r["best"] for r in good if r["optimizer"] == n)
+                   for n in names]
+  middle = statistics.median_low(per_optimizer) if higher_is_better(metric) else (
+      statistics.median_high(per_optimizer))
+  return {
+      "value": _round_target(metric, middle),
+      "rule": f"the median over optimizers of each one's median best {metric.replace('_', ' ')} "
+      "within the budget, rounded " + ("down to 0.005" if higher_is_better(metric)
+                                       else "up to 3 digits"),
+  }
 
 
 def to_target(metric: str, run: dict[str, Any], target: float | None) -> tuple:
@@ -321,7 +348,7 @@ def _spread(values: Sequence[float | None]) -> list[float] | None:
 
 
 def summarize(metric: str, runs: Sequence[dict[str, Any]], names: Sequence[str],
-              target: float | None) -> dict[str, dict[str, Any]]:
+              target: float | None, stretch: float | None = None) -> dict[str, dict[str, Any]]:
   """Per optimizer, medians over seeds (and min-max spreads) of every figure."""
   summary = {}
   for name in names:
@@ -331,6 +358,7 @@ def summarize(metric: str, runs: Sequence[dict[str, Any]], names: Sequence[str],
       summary[name] = {"error": mine[0]["error"] if mine else "not run"}
       continue
     reached = [to_target(metric, r, target) for r in ok]
+    stretched = [to_target(metric, r, stretch) for r in ok]
     figures = {
         "median_step_seconds": [r["median_step_seconds"] for r in ok],
         "mean_step_seconds": [r["mean_step_seconds"] for r in ok],
@@ -340,12 +368,15 @@ def summarize(metric: str, runs: Sequence[dict[str, Any]], names: Sequence[str],
         "best": [r["best"] for r in ok],
         "steps_to_target": [s for s, _ in reached],
         "seconds_to_target": [t for _, t in reached],
+        "steps_to_stretch": [s for s, _ in stretched],
+        "seconds_to_stretch": [t for _, t in stretched],
     }
     summary[name] = {
         "hparams": ok[0]["hparams"],
         "seeds": len(ok),
         "diverged": sum(r["diverged"] for r in ok),
         "reached_target": sum(s is not None for s, _ in reached),
+        "reached_stretch": sum(s is not None for s, _ in stretched),
         **{k: _median(v) for k, v in figures.items()},
         "spread": {k: _spread(v) for k, v in figures.items()},
     }
@@ -360,7 +391,8 @@ def ratios(summary: dict[str, dict[str, Any]], baseline: str) -> dict[str, dict[
     if "error" in s or "error" in base or not base:
       continue
     row = {}
-    for key in ("median_step_seconds", "steps_to_target", "seconds_to_target"):
+    for key in ("median_step_seconds", "steps_to_target", "seconds_to_target",
+                "seconds_to_stretch"):
       if s.get(key) is not None and base.get(key):
         row[key] = s[key] / base[key]
     out[name] = row
@@ -429,10 +461,12 @@ def score(result: dict[str, Any]) -> dict[str, Any]:
   metric, runs = result["metric"], result["runs"]
   names = result.get("optimizers") or list(dict.fromkeys(r["optimizer"] for r in runs))
   target = choose_target(metric, runs)
-  summary = summarize(metric, runs, names, target["value"])
+  stretch = choose_stretch_target(metric, runs)
+  summary = summarize(metric, runs, names, target["value"], stretch["value"])
   return {
       **result,
       "target": target,
+      "stretch_target": stretch,
       "summary": summary,
       "ratios": {"adam": ratios(summary, "adam"), "kfac_jax": ratios(summary, "kfac_jax")},
   }

@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     full = json.loads(args.rescore.read_text())
     full["tasks"] = [compare.score(t) for t in full["tasks"]]
     full["notes"] = NOTES
-    full["rescored"] = f"by this version's rules from {args.rescore}"
+    full["rescored"] = f"by this version's rules from {args.rescore.name}"
     for result in full["tasks"]:
       print(report.task_table(result))
     write_outputs(full, args.out)

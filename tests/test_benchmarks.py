@@ -54,6 +54,7 @@ def test_every_optimizer_on_the_same_data_with_a_target_all_reach(tmp_path, caps
       assert s["steps_to_target"] >= 1 and s["seconds_to_target"] > 0
   assert task["ratios"]["adam"]["adam"]["median_step_seconds"] == 1.0
   assert 0 <= target <= 1
+  assert task["stretch_target"]["value"] >= target  # Harder than the common target, or equal.
 
   table = (out / "results.md").read_text()
   for label in ("TKFAC", "K-FAC", "Adam", "SGD"):
@@ -167,3 +168,26 @@ def test_kl_clip_from_the_grid_reaches_the_optimizer(tmp_path):
   # The clipped step is sqrt(1e-12 / 1e-2) = 1e-5 of the other at most (momentum's first step is
   # the update itself).
   assert 0 < moved[1e-12] < 1e-4 * moved[1e-2]
+
+
+def test_stretch_target_is_the_middle_optimizers_best_and_not_all_reach_it():
+  """Median over optimizers of their median best over seeds, rounded like the common target."""
+  from benchmarks import compare
+
+  def run(name, seed, accuracies):
+    history = [{"step": 10 * i, "seconds": float(i), "eval_accuracy": a}
+               for i, a in enumerate(accuracies)]
+    return {"optimizer": name, "seed": seed, "diverged": False, "best": max(accuracies),
+            "history": history, "steps": history[-1]["step"], "median_step_seconds": 0.1,
+            "mean_step_seconds": 0.1, "compile_seconds": 1.0, "peak_bytes": None,
+            "hparams": {}}
+
+  runs = [run("a", 0, [0.1, 0.90, 0.93]), run("a", 1, [0.1, 0.91]), run("a", 2, [0.1, 0.95]),
+          run("b", 0, [0.1, 0.80]), run("c", 0, [0.1, 0.70, 0.857])]
+  # Medians of bests: a 0.93, b 0.80, c 0.857 -> middle 0.857 -> rounded down to 0.855.
+  stretch = compare.choose_stretch_target("test_accuracy", runs)
+  assert stretch["value"] == 0.855
+  summary = compare.summarize("test_accuracy", runs, ["a", "b", "c"], 0.8, stretch["value"])
+  assert summary["a"]["reached_stretch"] == 3 and summary["a"]["seconds_to_stretch"] == 1.0
+  assert summary["b"]["reached_stretch"] == 0 and summary["b"]["seconds_to_stretch"] is None
+  assert summary["c"]["reached_stretch"] == 1 and summary["c"]["steps_to_stretch"] == 20
