@@ -252,9 +252,11 @@ def tune(
           for t in trials
       ],
       "chosen": dict(chosen["hparams"]) if chosen else dict(task.defaults[name]),
-      "chosen_by": "best validation "
-      + ("accuracy" if task.classifier else "loss")
-      + " within the tuning budget" if chosen else "defaults: every grid point failed or diverged",
+      "chosen_by": (
+          ("best validation accuracy" if task.classifier else "best training loss")
+          + " within the tuning budget" if chosen
+          else "defaults: every grid point failed or diverged"
+      ),
   }
 
 
