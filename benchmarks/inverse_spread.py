@@ -120,23 +120,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
   ratio = inverse_cost["spread"] / inverse_cost["replicated"]
 
   dims = [args.inputs + 1] + [w + 1 for w in widths] + [10]
-  header = {
-      "machine": machine.machine_info(),
-      "versions": machine.versions(),
-      "settings": {
-          "model": f"MLP {args.inputs}-{'-'.join(map(str, widths))}-10 "
-          f"({len(widths) + 1} Dense layers)",
-          "batch_size": args.batch_size,
-          "mesh": f"data={len(devices)}",
-          "repeats": args.repeats,
-          "steps_per_repeat": args.steps,
-          "factor_sizes": sorted(set(dims)),
-      },
-      "date": machine.today(),
-  }
-  print(machine.describe(header["machine"], header["versions"]))
-  print("settings: " + ", ".join(f"{k} {v}" for k, v in header["settings"].items()))
-  print()
+  header = machine.header({
+      "model": f"MLP {args.inputs}-{'-'.join(map(str, widths))}-10 "
+      f"({len(widths) + 1} Dense layers)",
+      "batch_size": args.batch_size,
+      "mesh": f"data={len(devices)}",
+      "repeats": args.repeats,
+      "steps_per_repeat": args.steps,
+      "factor_sizes": sorted(set(dims)),
+  })
   print("| step | median ms | inverse refresh ms |")
   print("| --- | ---: | ---: |")
   for name, seconds in median.items():

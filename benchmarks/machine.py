@@ -86,6 +86,16 @@ def describe(machine: dict[str, Any], found: dict[str, str]) -> str:
   )
 
 
+def header(settings: dict[str, Any]) -> dict[str, Any]:
+  """Machine, versions, ``settings`` and date, printed as the benchmark's first lines."""
+  found = {"machine": machine_info(), "versions": versions(), "settings": settings,
+           "date": today()}
+  print(describe(found["machine"], found["versions"]))
+  print("settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()))
+  print()
+  return found
+
+
 def write_timings(result: dict[str, Any], out: str | pathlib.Path,
                   panels: list[tuple[str, dict[str, float]]], title: str,
                   reference: tuple[str, float] | None = None) -> None:

@@ -128,20 +128,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
       for ts, ti in cadences
   }
 
-  header = {
-      "machine": machine.machine_info(),
-      "versions": machine.versions(),
-      "settings": {
-          "model": f"MLP {args.inputs}-{'-'.join(map(str, hidden))}-10",
-          "batch_size": args.batch_size,
-          "repeats": args.repeats,
-          "steps_per_repeat": args.steps,
-      },
-      "date": machine.today(),
-  }
-  print(machine.describe(header["machine"], header["versions"]))
-  print("settings: " + ", ".join(f"{k} {v}" for k, v in header["settings"].items()))
-  print()
+  header = machine.header({
+      "model": f"MLP {args.inputs}-{'-'.join(map(str, hidden))}-10",
+      "batch_size": args.batch_size,
+      "repeats": args.repeats,
+      "steps_per_repeat": args.steps,
+  })
   print("| step | median ms | x Adam |")
   print("| --- | ---: | ---: |")
   for name, seconds in median.items():
