@@ -271,8 +271,8 @@ def choose_target(metric: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]
   Among the runs that trained (no error, no divergence, and at least :data:`PROGRESS` of the way
   from the initial value to the best of any run), the weakest just reaches the target at the end
   of its budget, so each of them has a time to target; a run that made no such progress is named
-  in the rule (and, short of rounding, does not reach it). Accuracy is rounded down to a multiple of 0.005; a loss is
-  rounded up to 3 significant digits.
+  in the rule (and, short of rounding, does not reach it). Accuracy is rounded down to a multiple
+  of 0.005; a loss is rounded up to 3 significant digits.
   """
   higher = higher_is_better(metric)
   good = [r for r in runs if "error" not in r and not r["diverged"]]

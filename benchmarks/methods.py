@@ -6,11 +6,12 @@ mode), Adam and SGD are Optax transformations in one jitted step; kfac-jax is it
 ``kfac_jax.Optimizer``, which jits itself.
 
 Settings shared by all: momentum 0.9 (TKFAC, K-FAC, kfac-jax, SGD), no weight decay. TKFAC and
-K-FAC: factor decay 0.95, inverses every 10 steps, KL clipping ``hparams["kl_clip"]`` (by default
-1e-4, ``tkfac_jax.tkfac``'s default), the empirical Fisher (statistics from the labels' gradients). kfac-jax: the same
-decay (``curvature_ema=0.95``) and inverse period (``inverse_update_period=10``), a fixed learning
-rate, momentum and damping (from its own grid: it has no KL clip), no burn-in steps (it needs a data iterator),
-and its own default curvature estimator (``ggn_curvature_prop``: the generalised Gauss-Newton,
+K-FAC: factor decay 0.95, inverses every 10 steps, KL clipping ``hparams["kl_clip"]`` (by
+default 1e-4, ``tkfac_jax.tkfac``'s default), the empirical Fisher (statistics from the labels'
+gradients). kfac-jax: the same decay (``curvature_ema=0.95``) and inverse period
+(``inverse_update_period=10``), a fixed learning rate, momentum and damping (from its own grid: it
+has no KL clip), no burn-in steps (it needs a data iterator), and its own default curvature
+estimator (``ggn_curvature_prop``: the generalised Gauss-Newton,
 which for these losses is the true Fisher) and pi-adjusted factored damping.
 """
 

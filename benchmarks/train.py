@@ -107,7 +107,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="training seconds per run, per task (below); default: quick")
   p.add_argument("--seconds", type=positive(float),
                  help="training seconds per run, overriding --budget")
-  p.add_argument("--evaluations", type=positive(int), help="evenly spaced evaluations per run (default: 10, and 4 more early in the "
+  p.add_argument("--evaluations", type=positive(int),
+                 help="evenly spaced evaluations per run (default: 10, and 4 more early in the "
                  f"run; when tuning {TUNE_EVALUATIONS})")
   p.add_argument("--steps", type=positive(int), help="stop every run after this many steps too")
   p.add_argument("--seeds", type=positive(int), default=1,
