@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import tqdm
 
-from benchmarks import data, methods, tasks
+from benchmarks import data, methods, report, tasks
 
 VALIDATION_EXAMPLES = {"fashion-mnist": 10000, "digits": 300}
 
@@ -236,7 +236,7 @@ def tune(
   """Grid search on the validation split (seed 0): the point with the best metric in budget."""
   trials = []
   for point in grid_points(task.grid[name]):
-    label = f"tune {name} " + " ".join(f"{k[:2]}={v:g}" for k, v in point.items())
+    label = f"tune {name} " + " ".join(f"{k[:2]}={report.setting(v)}" for k, v in point.items())
     trials.append(run_safely(task, name, point, split, 0, budget, max_steps, progress, label,
                              evaluate))
   scored = [t for t in trials if "error" not in t and not t["diverged"]]
@@ -423,7 +423,7 @@ def run_task(
       tuning[name] = tune(task, name, val, tune_budget, max_steps, progress, evaluate)
       hparams[name] = tuning[name]["chosen"]
       log(f"{task.name}: {name} tuned to " + ", ".join(
-          f"{k} {v:g}" for k, v in hparams[name].items()))
+          f"{k} {report.setting(v)}" for k, v in hparams[name].items()))
   split = final_split(dataset, task.held_out_examples)
   runs = []
   for seed in range(seeds):

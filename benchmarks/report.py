@@ -14,8 +14,13 @@ def _num(value: float | None, fmt: str) -> str:
   return "-" if value is None else format(value, fmt)
 
 
+def setting(value: Any) -> str:
+  """A hyperparameter's value for a label: numbers compactly, ``None`` (e.g. no KL clip) as none."""
+  return "none" if value is None else format(value, "g")
+
+
 def _hparams(h: dict[str, Any]) -> str:
-  return ", ".join(f"{'lr' if k == 'learning_rate' else k} {v:g}" for k, v in h.items())
+  return ", ".join(f"{'lr' if k == 'learning_rate' else k} {setting(v)}" for k, v in h.items())
 
 
 def _seconds(s: dict[str, Any], which: str) -> str:

@@ -170,6 +170,14 @@ def test_kl_clip_from_the_grid_reaches_the_optimizer(tmp_path):
   assert 0 < moved[1e-12] < 1e-4 * moved[1e-2]
 
 
+def test_a_grid_may_turn_the_kl_clip_off():
+  """kl_clip None (no clipping) is a setting like any other: it labels the runs and tables."""
+  from benchmarks import report
+
+  assert report.setting(None) == "none" and report.setting(0.0001) == "0.0001"
+  assert report._hparams({"learning_rate": 0.03, "kl_clip": None}) == "lr 0.03, kl_clip none"
+
+
 def test_stretch_target_is_the_middle_optimizers_best_and_not_all_reach_it():
   """Median over optimizers of their median best over seeds, rounded like the common target."""
   from benchmarks import compare
