@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+import references
 import tkfac_jax
 
 BATCH = 11  # Distinct from every layer width below, so a batch-sized axis is recognisable.
@@ -52,10 +53,9 @@ def _node(tree, path):
   return tree
 
 
-def _assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol)
+def _assert_trees_close(actual, expected):
+  """The same values through another float32 route: references.SAME_MATHS of each leaf's scale."""
+  references.assert_trees_close(actual, expected, references.SAME_MATHS)
 
 
 def _assert_stats_fit_params(stats, params, dense_paths):
@@ -248,7 +248,8 @@ def test_batchnorm_with_mutable_batch_stats_through_has_aux():
   _assert_trees_close(new_stats, ref_new_stats)
   _assert_trees_close(grads, ref_grads)
   # The running mean moved, so the batch statistics really went through aux.
-  assert not np.allclose(new_stats["BatchNorm_0"]["mean"], batch_stats["BatchNorm_0"]["mean"])
+  moved = references.max_error(new_stats["BatchNorm_0"]["mean"], batch_stats["BatchNorm_0"]["mean"])
+  assert moved > 1e-3
   _assert_stats_fit_params(stats, variables["params"], [("Dense_0",), ("Dense_1",)])
 
 

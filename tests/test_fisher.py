@@ -19,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 
+import references
 import tkfac_jax
 
 BATCH, D_IN, HIDDEN, K = 3, 3, 4, 3
@@ -212,10 +213,9 @@ def _plain(distribution):
   return jax.jit(jax.value_and_grad(case.plain_loss))(case.params, case.x, case.labels)
 
 
-def _assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol)
+def _assert_trees_close(actual, expected):
+  """The same values through another float32 route: references.SAME_MATHS of each leaf's scale."""
+  references.assert_trees_close(actual, expected, references.SAME_MATHS)
 
 
 @pytest.mark.parametrize("curvature", CURVATURES)
@@ -354,10 +354,11 @@ def test_helpers_are_plain_losses_outside_a_capture(shape):
   ]
   for got, want in cases:
     assert got.shape == ()
-    np.testing.assert_allclose(got, want, rtol=1e-6)
+    references.assert_close(got, want, references.SAME_MATHS)
   # And under jit and grad, as any loss.
   grad = jax.jit(jax.grad(tkfac_jax.squared_error))(logits, targets)
-  np.testing.assert_allclose(grad, (logits - targets) / np.prod(shape[:-1]), rtol=1e-6)
+  expected = (logits - targets) / np.prod(shape[:-1])
+  references.assert_close(grad, expected, references.SAME_MATHS)
 
 
 # --- End to end. ----------------------------------------------------------------------------------

@@ -23,19 +23,15 @@ import pytest
 import references
 import tkfac_jax
 
-# Statistics are float32 sums of products: a relative error of 1e-4 of the largest entry allows
-# for rounding, and is far below the differences the sanity checks require.
-RTOL = 1e-4
+# Float32 library against float64 references: 1e-4 of the largest entry (references.py says why);
+# the sanity checks below show that plausible mistakes fail it.
+RTOL = references.REFERENCE
 CURVATURES = ("tkfac", "kfac")
+_relative_error = references.relative_error
 
 
 def _assert_close(actual, expected, rtol=RTOL, err_msg=""):
   references.assert_close(actual, expected, rtol, err_msg)
-
-
-def _relative_error(actual, expected) -> float:
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
 def _vec(matrix):
@@ -342,6 +338,17 @@ def test_conv_statistics_equal_brute_force(spec, curvature):
   _assert_close(got.phi, phi, err_msg="phi")
   _assert_close(got.psi, psi, err_msg="psi")
   _assert_close(got.delta, delta, err_msg="delta")
+  # Sanity: the tolerance catches a factor off by 1%, one output position dropped, and the
+  # bias's homogeneous coordinate left out.
+  expected = (phi, psi, delta)
+  references.assert_detects((phi, 1.01 * psi, delta), expected, RTOL, "psi off by 1%")
+  if case.a.shape[1] > 1:
+    dropped = _brute(case.a[:, 1:], case.g[:, 1:], curvature)
+    references.assert_detects(dropped, expected, RTOL, "a location dropped")
+  if spec.use_bias:
+    no_bias = case.a.copy()
+    no_bias[..., -1] = 0.0
+    references.assert_detects(_brute(no_bias, case.g, curvature), expected, RTOL, "no bias row")
 
 
 @functools.cache
@@ -797,7 +804,7 @@ def test_fallback_updates_exactly_the_parameters_no_captured_layer_owns():
       fallback_owns = i == 0 or key not in captured
       reference = updates["adam" if fallback_owns else "no_fallback"][key]
       jax.tree.map(
-          functools.partial(_assert_close, rtol=1e-6, err_msg=f"step {i} {key}"),
+          functools.partial(_assert_close, rtol=references.SAME_MATHS, err_msg=f"step {i} {key}"),
           updates["adam_fallback"][key],
           reference,
       )

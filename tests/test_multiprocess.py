@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import multiprocess_worker
-from references import assert_close
+import references
 
 TIMEOUT_SECONDS = 180
 WORKER = pathlib.Path(multiprocess_worker.__file__)
@@ -58,7 +58,12 @@ def test_two_processes_equal_one_process(tmp_path):
   loss_fn, params, x, y = multiprocess_worker.problem()
   expected = multiprocess_worker.train(loss_fn, params, x, y)
   flat, _ = jax.tree_util.tree_flatten_with_path(expected)
+  start = dict(jax.tree_util.tree_flatten_with_path(params)[0])
   got = np.load(out)
   assert sorted(got.files) == sorted(jax.tree_util.keystr(k) for k, _ in flat)
+  # Two processes run another program than one (a cross-process psum): float32 agreement on how
+  # far training moved each parameter, not bit for bit (references.TRAJECTORY).
   for keypath, value in flat:
-    assert_close(got[jax.tree_util.keystr(keypath)], value, 2e-5, err_msg=str(keypath))
+    moved = got[jax.tree_util.keystr(keypath)] - np.asarray(start[keypath], np.float64)
+    expected_moved = np.asarray(value, np.float64) - np.asarray(start[keypath], np.float64)
+    references.assert_close(moved, expected_moved, references.TRAJECTORY, str(keypath))

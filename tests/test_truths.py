@@ -19,17 +19,14 @@ import pytest
 import references
 import tkfac_jax
 
-# Statistics are float32 sums of products: a relative error of 1e-4 of the largest entry allows
-# for rounding, and is far below the differences the sanity checks require.
-RTOL = 1e-4
+# Float32 library against float64 references: 1e-4 of the largest entry (references.py says why);
+# each kind of comparison below also checks that a plausible mistake fails it.
+RTOL = references.REFERENCE
+_relative_error = references.relative_error
 
 
 def _assert_close(actual, expected, rtol=RTOL, err_msg=""):
   references.assert_close(actual, expected, rtol, err_msg)
-
-
-def _relative_error(actual, expected) -> float:
-  return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
 # --- The models, in Flax and written out by hand. -------------------------------------------------
@@ -379,6 +376,17 @@ def test_statistics_equal_brute_force(name, curvature):
     _assert_close(got.phi, phi, err_msg=layer)
     _assert_close(got.psi, psi, err_msg=layer)
     _assert_close(got.delta, delta, err_msg=layer)
+    # The tolerance catches plausible mistakes: a factor off by 1%, a location dropped, the
+    # bias's homogeneous coordinate left out.
+    brute = references.brute_kfac if curvature == "kfac" else references.brute_tkfac
+    expected = tuple(brute(a, g))
+    references.assert_detects((1.01 * phi,) + expected[1:], expected, RTOL, "phi off by 1%")
+    if a.shape[1] > 1:
+      references.assert_detects(brute(a[:, 1:], g[:, 1:]), expected, RTOL, "a location dropped")
+    if "bias" in _case(name).params[layer]:
+      no_bias = a.copy()
+      no_bias[..., -1] = 0.0
+      references.assert_detects(brute(no_bias, g), expected, RTOL, "the bias row missing")
 
 
 # --- Truth 2: the trace. --------------------------------------------------------------------------
@@ -507,7 +515,10 @@ def test_update_solves_damped_kronecker_system(name, curvature, pi_damping, damp
     expected = _unvec(np.linalg.solve(np.kron(psi_hat, phi_hat), _vec(grad)), len(grad))
     got = _augmented(updates[layer], "bias" in updates[layer], axis=0)
     assert _relative_error(got, expected) < RTOL, (layer, _relative_error(got, expected))
-    # Sanity: the update is far from the raw gradient, so the check above can fail.
+    # Sanity: the update is far from the raw gradient, and from the solve with a damped factor
+    # off by 1%, so the check above can fail.
     assert _relative_error(grad, expected) > 1e-2, layer
+    off = _unvec(np.linalg.solve(np.kron(psi_hat, 1.01 * phi_hat), _vec(grad)), len(grad))
+    assert _relative_error(off, expected) > 10 * RTOL, layer
   for key in set(case.params) - set(ref.a):  # Parameters no dense layer owns pass unchanged.
     np.testing.assert_array_equal(updates[key], grads[key])
