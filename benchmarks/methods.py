@@ -131,10 +131,10 @@ class OptaxRunner(Runner):
             params, model_state, x, y, rng
         )
         updates, opt_state = tx.update(grads, opt_state, params)
-      else:
+      else:  # Statistics computed only on the steps where the optimizer uses them.
         (loss, model_state), grads, stats = tkfac_jax.value_grad_and_stats(
             loss_fn, has_aux=True, curvature=curvature
-        )(params, model_state, x, y, rng)
+        )(params, model_state, x, y, rng, stats_due=tkfac_jax.stats_due(opt_state))
         updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
       return (optax.apply_updates(params, updates), model_state, opt_state), loss
 
@@ -233,7 +233,8 @@ def create(name: str, task: tasks.Task, hparams: dict[str, Any],
   if name in ("tkfac", "kfac"):
     tx = tkfac_jax.tkfac(
         lr, hparams["damping"], conv_damping_floor=task.conv_damping_floor, momentum=MOMENTUM,
-        decay=DECAY, inverse_every=INVERSE_EVERY, curvature=name,
+        decay=DECAY, stats_every=hparams.get("stats_every", 1),
+        inverse_every=hparams.get("inverse_every", INVERSE_EVERY), curvature=name,
         kl_clip=hparams.get("kl_clip", KL_CLIP),
     )
     return OptaxRunner(task, tx, name, dropout_key)

@@ -330,31 +330,54 @@ def test_layers_option_preconditions_only_the_named_layers():
   _assert_close(state.layers["Dense_0"].statistics, stats.layers["Dense_0"])
 
 
-def _inverse_changes(params, with_stats):
-  """The steps at which PRECONDITIONER's inverses changed, over len(with_stats) steps."""
-  state = PRECONDITIONER.init(params)
-  update = PRECONDITION
-  changed = []
+def _inverse_changes(params, with_stats, stagger=True):
+  """For each layer, the steps at which its inverses changed, over len(with_stats) steps of a
+  scale_by_tkfac with inverse_every=3."""
+  tx = tkfac_jax.scale_by_tkfac(1e-2, decay=DECAY, inverse_every=3, stagger=stagger)
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  changed = {name: [] for name in DENSE}
   for step, has_stats in enumerate(with_stats):
     grads, stats = _capture(params, step)
-    before = [state.layers[n].inverses for n in DENSE]
+    before = {n: state.layers[n].inverses for n in DENSE}
     _, state = update(grads, state, params, stats=stats if has_stats else None)
-    after = [state.layers[n].inverses for n in DENSE]
-    pairs = zip(jax.tree.leaves(before), jax.tree.leaves(after))
-    if not all(np.array_equal(a, b) for a, b in pairs):
-      changed.append(step)
+    for name in DENSE:
+      pairs = zip(jax.tree.leaves(before[name]), jax.tree.leaves(state.layers[name].inverses))
+      if not all(np.array_equal(a, b) for a, b in pairs):
+        changed[name].append(step)
   return changed
 
 
 def test_inverses_refresh_every_inverse_every_steps():
-  """With inverse_every=3 and stats every step, the inverses change at steps 0, 3 and 6 only."""
-  assert _inverse_changes(_params(), [True] * 8) == [0, 3, 6]
+  """inverse_every=3, stats every step, not staggered: every layer changes at steps 0, 3, 6."""
+  changed = _inverse_changes(_params(), [True] * 8, stagger=False)
+  assert changed == {name: [0, 3, 6] for name in DENSE}
+
+
+def test_staggered_refreshes_spread_the_layers_over_the_period():
+  """Staggered (the default), two layers, inverse_every=3: both refresh when their first
+  statistics arrive, then each once per period, on its own step, the largest layer first."""
+  changed = _inverse_changes(_params(), [True] * 9)
+  offsets = {}
+  for name, steps in changed.items():
+    assert steps[0] == 0, name
+    offset = steps[1] % 3
+    assert steps[1:] == list(range(offset or 3, 9, 3)), (name, steps)
+    offsets[name] = offset
+  assert sorted(offsets.values()) == [0, 1]  # One layer per step: no step refreshes both.
+  # Cost of inverting [W; b]'s two factors: (d_in + 1)^3 + d_out^3.
+  costs = {n: (p["kernel"].shape[0] + 1) ** 3 + p["kernel"].shape[1] ** 3
+           for n, p in _params().items() if n in DENSE}
+  assert offsets[max(costs, key=costs.get)] == 0
 
 
 def test_inverses_refresh_when_first_statistics_arrive():
   """Statistics first arriving at step 2 refresh the inverses at once, then the cadence resumes."""
   with_stats = [False, False] + [True] * 6
-  assert _inverse_changes(_params(), with_stats) == [2, 3, 6]
+  changed = _inverse_changes(_params(), with_stats, stagger=False)
+  assert changed == {name: [2, 3, 6] for name in DENSE}
+  for name, steps in _inverse_changes(_params(), with_stats).items():
+    assert steps[0] == 2 and all(b - a == 3 for a, b in zip(steps[1:], steps[2:])), name
 
 
 # Modes and dtypes.

@@ -15,6 +15,7 @@ from tkfac_jax._train_state import TrainState
 from tkfac_jax._transform import LayerState
 from tkfac_jax._transform import ScaleByTKFACState
 from tkfac_jax._transform import scale_by_tkfac
+from tkfac_jax._transform import stats_due
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = (
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",
     "squared_error",
+    "stats_due",
     "tkfac",
     "value_grad_and_stats",
 )

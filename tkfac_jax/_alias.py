@@ -17,10 +17,12 @@ def tkfac(
     damping: chex.Numeric = 1e-2,
     *,
     decay: chex.Numeric = 0.95,
+    stats_every: chex.Numeric = 1,
     inverse_every: chex.Numeric = 10,
     curvature: _statistics.Curvature = "tkfac",
     pi_damping: bool = False,
     conv_damping_floor: chex.Numeric | None = None,
+    stagger: bool = True,
     kl_clip: chex.Numeric | None = 1e-4,
     momentum: chex.Numeric | None = 0.9,
     nesterov: bool = False,
@@ -52,11 +54,16 @@ def tkfac(
     learning_rate: a float or an Optax schedule.
     damping: ``lambda``; see :func:`scale_by_tkfac`.
     decay: moving-average decay of the curvature statistics.
+    stats_every: fold in statistics every this many steps; with
+      ``value_grad_and_stats(...)(..., stats_due=tkfac_jax.stats_due(opt_state))`` the other
+      steps do not compute them. See :func:`scale_by_tkfac`.
     inverse_every: recompute the damped inverses every this many steps.
     curvature: ``"tkfac"`` or ``"kfac"``.
     pi_damping: split the damping with the ``pi`` heuristic.
     conv_damping_floor: ``nu`` of TKFAC's damping for convolutions,
       ``lambda_l = max(delta_l, nu) / (d_in d_out)``; ``None`` uses ``damping`` everywhere.
+    stagger: refresh the layers' inverses on different steps of the period; see
+      :func:`scale_by_tkfac`.
     kl_clip: ``kappa`` of KL clipping, or ``None`` for no clipping.
     momentum: heavy-ball momentum, or ``None`` for none.
     nesterov: Nesterov momentum.
@@ -81,10 +88,12 @@ def tkfac(
       _transform.scale_by_tkfac(
           damping,
           decay=decay,
+          stats_every=stats_every,
           inverse_every=inverse_every,
           curvature=curvature,
           pi_damping=pi_damping,
           conv_damping_floor=conv_damping_floor,
+          stagger=stagger,
           kl_clip=kl_clip,
           learning_rate=learning_rate if kl_clip is not None else None,
           fallback=fallback,

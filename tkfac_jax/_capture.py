@@ -23,7 +23,7 @@ from tkfac_jax import _tree
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["layers"],
+    data_fields=["layers", "due"],
     meta_fields=["curvature", "skipped"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +39,15 @@ class Statistics:
     skipped: ``(path, reason)`` for every layer of the differentiated parameters that the loss
       applied but that is not captured (a grouped convolution, a custom module, ...). The
       optimizer sends their parameters to its fallback.
+    due: ``None`` when the statistics were computed unconditionally; otherwise the boolean array
+      passed as ``stats_due=``: where it is false, ``layers`` holds zeros that were never computed,
+      and the optimizer does not fold them in.
   """
 
   layers: Any
   curvature: str = "tkfac"
   skipped: tuple[tuple[str, str], ...] = ()
+  due: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,11 +126,19 @@ def _tuple(x) -> tuple:
   return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _layer_inputs(module: nn.Module, module_path: str, kernel: jax.Array, x: jax.Array):
-  """The layer's inputs as ``[B, T, d_in]`` (patches for a convolution; tokens for Embed)."""
+def _input_reader(
+    module: nn.Module, module_path: str, kernel: jax.Array, x: jax.Array
+) -> tuple[str, Callable[[jax.Array], jax.Array]]:
+  """Checks a layer's input at trace time, and returns the layer's kind and a function that
+  turns the recorded input ``x`` into ``[B, T, d_in]`` (patches for a convolution, token ids for
+  Embed).
+
+  The conversion is deferred, so that a step whose statistics are not due (``stats_due``) records
+  only the input the layer already had, and never builds a convolution's patches.
+  """
   if isinstance(module, nn.Embed):
     batch = _batch_size(module_path, x, 1)
-    return "embed", x.reshape(batch, -1)
+    return "embed", lambda x: x.reshape(batch, -1)
   if isinstance(module, nn.Conv):
     spatial = len(_tuple(module.kernel_size))
     if jnp.ndim(x) != spatial + 2:
@@ -137,14 +149,19 @@ def _layer_inputs(module: nn.Module, module_path: str, kernel: jax.Array, x: jax
       )
     # The module's own convolution with a one-hot kernel yields the patches in exactly the
     # layout of its kernel (spatial taps, then input channels), whatever the padding mode.
-    taps = kernel.size // kernel.shape[-1]
-    one_hot = jnp.eye(taps, dtype=x.dtype).reshape(kernel.shape[:-1] + (taps,))
     # HIGHEST precision: the patches must be copies of the inputs, not TF32/bfloat16 roundings.
+    taps = kernel.size // kernel.shape[-1]
+    kernel_shape = kernel.shape[:-1] + (taps,)
     extractor = module.clone(
         parent=None, features=taps, use_bias=False, precision=jax.lax.Precision.HIGHEST
     )
-    patches = extractor.apply({"params": {"kernel": one_hot}}, x)
-    return "dense", patches.reshape(x.shape[0], -1, taps)
+
+    def patches(x):
+      one_hot = jnp.eye(taps, dtype=x.dtype).reshape(kernel_shape)
+      out = extractor.apply({"params": {"kernel": one_hot}}, x)
+      return out.reshape(x.shape[0], -1, taps)
+
+    return "dense", patches
   if isinstance(module, nn.DenseGeneral):
     batch = _batch_size(module_path, x, 2)
     # Flax sorts `axis`: the kernel's input axes are in the input's order.
@@ -154,17 +171,23 @@ def _layer_inputs(module: nn.Module, module_path: str, kernel: jax.Array, x: jax
           f"DenseGeneral layer '{module_path}' contracts the leading (batch) axis of its input; "
           "curvature statistics need axis 0 to be the batch."
       )
-    moved = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
-    return "dense", moved.reshape(batch, -1, kernel.size // kernel.shape[-1])
+    d_in = kernel.size // kernel.shape[-1]
+
+    def moved(x):
+      x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
+      return x.reshape(batch, -1, d_in)
+
+    return "dense", moved
   batch = _batch_size(module_path, x, 2)
-  return "dense", x.reshape(batch, -1, x.shape[-1])
+  return "dense", lambda x: x.reshape(batch, -1, x.shape[-1])
 
 
-def _interceptor(owners, perturbations, calls, inputs_seen, skipped):
+def _interceptor(owners, perturbations, calls, inputs_seen, skipped, readers):
   """Records each captured layer call and perturbs its output.
 
-  ``calls`` receives the static description of each call, ``inputs_seen`` its inputs and
-  ``skipped`` the layers of the differentiated parameters that cannot be captured.
+  ``calls`` receives the static description of each call, ``inputs_seen`` its raw inputs,
+  ``readers`` the functions that turn those into ``[B, T, d_in]``, and ``skipped`` the layers of
+  the differentiated parameters that cannot be captured.
   """
 
   def intercept(next_fun, args, kwargs, context):
@@ -180,7 +203,7 @@ def _interceptor(owners, perturbations, calls, inputs_seen, skipped):
       skipped.setdefault(path, f"{module_path}: {reason}")
       return next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
-    kind, inputs = _layer_inputs(module, module_path, param, x)
+    kind, reader = _input_reader(module, module_path, param, x)
     outputs = next_fun(*args, **kwargs)
     layer_calls = calls.setdefault(path, [])
     if perturbations is not None:
@@ -188,7 +211,7 @@ def _interceptor(owners, perturbations, calls, inputs_seen, skipped):
     layer_calls.append(
         _Call(
             kind=kind,
-            input_shape=tuple(inputs.shape),
+            input_shape=tuple(jax.eval_shape(reader, x).shape),
             output=jax.ShapeDtypeStruct(outputs.shape, outputs.dtype),
             varying=_varying_axes(outputs),
             use_bias=bool(getattr(module, "use_bias", False)),
@@ -196,7 +219,8 @@ def _interceptor(owners, perturbations, calls, inputs_seen, skipped):
             num_embeddings=int(getattr(module, "num_embeddings", 0)),
         )
     )
-    inputs_seen.setdefault(path, []).append(inputs)
+    inputs_seen.setdefault(path, []).append(x)
+    readers.setdefault(path, []).append(reader)
     return outputs
 
   return intercept
@@ -240,6 +264,7 @@ def _axis_names(axis_name) -> tuple:
 def _layer_statistics(
     path: _tree.Path,
     calls: Sequence[_Call],
+    readers: Sequence[Callable[[jax.Array], jax.Array]],
     inputs: Sequence[jax.Array],
     output_grads: Sequence[jax.Array],
     curvature: str,
@@ -249,6 +274,7 @@ def _layer_statistics(
   Each call contributes its positions as locations; a layer called several times (weight sharing)
   has its locations summed, which is exact for the per-example gradient ``sum_t a_t g_t^T``.
   """
+  inputs = [read(x) for read, x in zip(readers, inputs)]
   batch = calls[0].input_shape[0]
   for call in calls:
     if call.input_shape[0] != batch:
@@ -318,7 +344,11 @@ def value_grad_and_stats(
   Returns:
     A function with ``fun``'s signature (plus ``fisher_key=`` when ``fisher="sampled"``) returning
     ``(value, grads, stats)``, where ``value`` is ``loss`` or ``(loss, aux)`` and ``stats`` a
-    :class:`Statistics`.
+    :class:`Statistics`. It also takes the keyword argument ``stats_due``: pass
+    ``tkfac_jax.stats_due(opt_state)`` and the statistics are reduced (and, with ``axis_name``,
+    averaged over the shards) under ``lax.cond`` only where it is true; elsewhere ``stats.layers``
+    holds zeros that cost nothing and ``stats.due`` tells the optimizer to ignore them. The
+    forward and backward passes are the same either way, so the step compiles once.
 
   Examples:
     >>> import flax.linen as nn, jax, jax.numpy as jnp, tkfac_jax
@@ -338,7 +368,7 @@ def value_grad_and_stats(
   argnums_tuple = (argnums,) if single else tuple(argnums)
 
   @functools.wraps(fun)
-  def wrapped(*args, fisher_key=None, **kwargs):
+  def wrapped(*args, fisher_key=None, stats_due=None, **kwargs):
     axes = () if axis_name is None else _axis_names(axis_name)
     if fisher == "sampled" and fisher_key is None:
       raise ValueError(
@@ -357,12 +387,12 @@ def value_grad_and_stats(
             "argument(s); the differentiated arguments must be passed positionally."
         )
 
-    def call(diff, perturbations, calls, inputs_seen, skipped):
+    def call(diff, perturbations, calls, inputs_seen, skipped, readers):
       full = list(args)
       for i, value in zip(argnums_tuple, diff):
         full[i] = value
       owners = _param_owners(diff[0] if single else diff)
-      intercept = _interceptor(owners, perturbations, calls, inputs_seen, skipped)
+      intercept = _interceptor(owners, perturbations, calls, inputs_seen, skipped, readers)
       with nn.intercept_methods(intercept):
         return fun(*full, **kwargs)
 
@@ -376,7 +406,7 @@ def value_grad_and_stats(
     # differentiate with respect to zero perturbations of those shapes.
     found: dict[_tree.Path, list[_Call]] = {}
     skipped: dict[_tree.Path, str] = {}
-    jax.eval_shape(lambda d: call(d, None, found, {}, skipped), diff)
+    jax.eval_shape(lambda d: call(d, None, found, {}, skipped, {}), diff)
     perturbations = {
         # Varying like the layer's output, so that its cotangent stays the shard's own.
         path: [
@@ -386,10 +416,13 @@ def value_grad_and_stats(
         for path, layer_calls in found.items()
     }
 
+    readers: dict[_tree.Path, list[Callable[[jax.Array], jax.Array]]] = {}
+
     def differentiable(diff, perturbations):
       calls: dict[_tree.Path, list[_Call]] = {}
       inputs: dict[_tree.Path, list[jax.Array]] = {}
-      out = call(diff, perturbations, calls, inputs, {})
+      readers.clear()
+      out = call(diff, perturbations, calls, inputs, {}, readers)
       if calls != found:
         raise RuntimeError(
             "The loss applied different layers in two traces; value_grad_and_stats needs "
@@ -407,22 +440,70 @@ def value_grad_and_stats(
           differentiable, diff, perturbations, fisher_key
       )
     # A layer that is also applied in a way that cannot be captured has incomplete statistics.
-    layers = {
-        path: _layer_statistics(path, found[path], inputs[path], output_grads[path], curvature)
-        for path in found
-        if path not in skipped
-    }
+    captured = [path for path in found if path not in skipped]
+
+    def reduce(inputs, output_grads):
+      layers = {
+          path: _layer_statistics(
+              path, found[path], readers[path], inputs[path], output_grads[path], curvature
+          )
+          for path in captured
+      }
+      return jax.lax.pmean(layers, axes) if axes else layers
+
+    inputs = {path: inputs[path] for path in captured}
+    output_grads = {path: output_grads[path] for path in captured}
+    if stats_due is None:
+      layers, due = reduce(inputs, output_grads), None
+    else:
+      due = _check_due(stats_due)
+      layers = jax.lax.cond(
+          due, reduce, functools.partial(_no_statistics, reduce, axes), inputs, output_grads
+      )
     if axes:
-      loss, grads, layers = jax.lax.pmean((loss, grads, layers), axes)
+      loss, grads = jax.lax.pmean((loss, grads), axes)
     value = (loss, aux) if has_aux else loss
     grads = grads[0] if single else grads
     return value, grads, Statistics(
         layers=_tree.nest(layers),
         curvature=curvature,
         skipped=tuple((_tree.path_str(p), reason) for p, reason in skipped.items()),
+        due=due,
     )
 
   return wrapped
+
+
+def _check_due(stats_due) -> jax.Array:
+  """``stats_due`` as a boolean scalar array, or a ValueError that says what to pass."""
+  if isinstance(stats_due, (int, float)) and not isinstance(stats_due, bool):
+    raise TypeError(
+        f"stats_due must be a boolean (tkfac_jax.stats_due(opt_state)), got {stats_due!r}."
+    )
+  due = jnp.asarray(stats_due)
+  if due.shape != () or due.dtype != jnp.bool_:
+    raise TypeError(
+        "stats_due must be a boolean scalar, as returned by tkfac_jax.stats_due(opt_state); got "
+        f"an array of shape {due.shape} and dtype {due.dtype}."
+    )
+  return due
+
+
+def _no_statistics(reduce, averaged_axes, inputs, output_grads):
+  """Zeros in place of ``reduce(inputs, output_grads)``, computing nothing.
+
+  Inside ``jax.shard_map`` the zeros vary over the mesh axes that the layer's own statistics
+  vary over (those of its inputs and output gradients, less the ``averaged_axes`` that ``reduce``
+  averages over), so that both branches of the ``lax.cond`` have one type.
+  """
+  shapes = jax.eval_shape(reduce, inputs, output_grads)
+  out = {}
+  for path, stats in shapes.items():
+    arrays = list(inputs[path]) + list(output_grads[path])
+    axes = frozenset().union(*(_varying_axes(x) for x in arrays)) - frozenset(averaged_axes)
+    axes = tuple(sorted(axes))
+    out[path] = jax.tree.map(lambda s: _as_varying(jnp.zeros(s.shape, s.dtype), axes), stats)
+  return out
 
 
 def _sampled_backward(differentiable, diff, perturbations, key):

@@ -20,11 +20,6 @@ def _condition_number(inverse: jax.Array) -> jax.Array:
   return jnp.max(magnitudes) / jnp.min(magnitudes)
 
 
-def _find_states(tree: Any) -> list[_transform.ScaleByTKFACState]:
-  leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, _transform.ScaleByTKFACState))
-  return [x for x in leaves if isinstance(x, _transform.ScaleByTKFACState)]
-
-
 def diagnostics(opt_state: Any) -> dict[str, Any]:
   """Per-layer curvature diagnostics from an optimizer state, as arrays (log them outside jit).
 
@@ -49,7 +44,7 @@ def diagnostics(opt_state: Any) -> dict[str, Any]:
     >>> sorted(tkfac_jax.diagnostics(state)['layers']['dense'])
     ['count', 'damping', 'delta', 'phi_condition', 'psi_condition']
   """
-  states = _find_states(opt_state)
+  states = _transform.find_states(opt_state)
   if len(states) != 1:
     raise ValueError(
         f"diagnostics needs an optimizer state holding exactly one scale_by_tkfac state; found "

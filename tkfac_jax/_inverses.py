@@ -72,8 +72,15 @@ def damped_factors(
   return _add_to_diagonal(phi, pi * root), _add_to_diagonal(psi, root / pi)
 
 
-def spd_inverse(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
+def cholesky_inverse(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Inverse of a symmetric positive-definite matrix through its Cholesky factor.
+
+  Chosen by measurement (``benchmarks/inverse_methods.py``): on a CPU it is as fast as an LU
+  inverse and 2 to 3 times faster than ``eigh``; Newton-Schulz steps from the previous inverse,
+  the matmul-only alternative, do not converge reliably here, since between two refreshes
+  (``inverse_every=10``, decay 0.95) a factor moves so far that ``|I - A X_prev|_2`` had a
+  median of 0.16 to 0.91 and a maximum of 0.9 to 4.3 across the factors of an MLP on
+  Fashion-MNIST (Newton-Schulz needs it well below 1).
 
   Returns the inverse and whether it is usable (the factorisation succeeded and is finite): a
   matrix that is not positive definite gives NaNs in XLA's Cholesky, never an exception. A
@@ -96,8 +103,8 @@ def damped_inverses(
 ) -> tuple[DampedInverses, jax.Array]:
   """``Phi_hat^-1`` and ``Psi_hat^-1``, and whether both factors could be inverted."""
   phi_hat, psi_hat = damped_factors(stats, damping, curvature, pi_damping)
-  phi_inv, phi_ok = spd_inverse(phi_hat)
-  psi_inv, psi_ok = spd_inverse(psi_hat)
+  phi_inv, phi_ok = cholesky_inverse(phi_hat)
+  psi_inv, psi_ok = cholesky_inverse(psi_hat)
   return DampedInverses(phi=phi_inv, psi=psi_inv), phi_ok & psi_ok
 
 

@@ -126,11 +126,18 @@ def multi_steps(
             f"Statistics for layer(s) {unknown}, which are not layers of the params given to "
             "multi_steps' init(): were they captured from another model?"
         )
+      # Statistics captured with stats_due=False are zeros that were never computed.
+      due = jnp.ones((), bool) if stats.due is None else stats.due
       for path, layer in batch.items():
-        sums[path] = jax.tree.map(lambda s, b: s + b.astype(s.dtype), sums[path], layer)
-      count = count + 1
-      mean = {p: jax.tree.map(lambda s: s / count.astype(s.dtype), sums[p]) for p in batch}
-      inner_stats = dataclasses.replace(stats, layers=_tree.nest(mean))
+        sums[path] = jax.tree.map(
+            lambda s, b: jnp.where(due, s + b.astype(s.dtype), s), sums[path], layer
+        )
+      count = count + due.astype(count.dtype)
+      held = jnp.maximum(count, 1)
+      mean = {p: jax.tree.map(lambda s: s / held.astype(s.dtype), sums[p]) for p in batch}
+      inner_stats = dataclasses.replace(
+          stats, layers=_tree.nest(mean), due=None if stats.due is None else count > 0
+      )
 
     def apply(inner_state):
       return inner.update(grads, inner_state, params, stats=inner_stats, **extra_args)

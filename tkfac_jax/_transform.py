@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, NamedTuple, Sequence
@@ -46,12 +47,15 @@ class ScaleByTKFACState(NamedTuple):
     layers: nested dict mirroring ``params``: at each preconditioned layer's parameter node, its
       :class:`LayerState`.
     kl_scale: the factor the last update was scaled by for KL clipping (1 without clipping).
+    stats_due: whether the next update folds in statistics (every ``stats_every`` updates, and
+      until every layer has had some); read it with :func:`stats_due`.
     fallback: the state of the fallback transformation.
   """
 
   count: jax.Array
   layers: Any
   kl_scale: jax.Array
+  stats_due: jax.Array = True
   fallback: Any = optax.EmptyState()
 
 
@@ -153,14 +157,125 @@ def _fold_in(
   return layer._replace(statistics=statistics, count=count), first & finite
 
 
+def _fold_due(layer_states, batch, decay, due):
+  """Folds ``batch`` into the running statistics where ``due``, under ``lax.cond`` so that a step
+  without statistics does not touch the factors; returns them and whether a layer got its first."""
+
+  def fold(layer_states):
+    layer_states = dict(layer_states)
+    first_seen = jnp.zeros((), bool)
+    for path in batch:
+      layer_states[path], first = _fold_in(layer_states[path], batch[path], decay)
+      first_seen = first_seen | first
+    return layer_states, first_seen
+
+  return jax.lax.cond(due, fold, lambda s: (dict(s), jnp.zeros((), bool)), layer_states)
+
+
+def _cost(layer: LayerState) -> float:
+  """The relative cost of inverting a layer's two factors (``n^3`` each; ``n`` for a diagonal)."""
+  return sum(
+      float(x.shape[0]) ** (3 if x.ndim == 2 else 1)
+      for x in (layer.statistics.phi, layer.statistics.psi)
+  )
+
+
+def _refresh_groups(layer_states: dict, inverse_every) -> list[list[_tree.Path]]:
+  """The layers split into at most ``inverse_every`` groups of balanced inversion cost, each
+  refreshed on its own step of the period. One group when ``inverse_every`` is traced (under
+  ``optax.inject_hyperparams``) or there is one layer."""
+  try:
+    period = int(inverse_every)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    period = 1
+  paths = list(layer_states)
+  count = max(1, min(period, len(paths)))
+  owners = _spread.assign([_cost(layer_states[p]) for p in paths], count)
+  groups = [[p for p, owner in zip(paths, owners) if owner == g] for g in range(count)]
+  return [g for g in groups if g]
+
+
+def _refresh(
+    layer_states: dict,
+    *,
+    dampings: dict,
+    curvature: str,
+    pi_damping: bool,
+    inverse_axis: str | None,
+    mesh,
+) -> dict:
+  """Recomputes the damped inverses of ``layer_states`` (all, or one staggered group).
+
+  A layer whose factors cannot be inverted (or that has no statistics yet) keeps its previous
+  inverses and damping.
+  """
+  inputs = {path: (layer.statistics, dampings[path]) for path, layer in layer_states.items()}
+
+  def invert(inputs):
+    return _inverses.damped_inverses(*inputs, curvature, pi_damping)
+
+  if inverse_axis is None:
+    results = {path: invert(x) for path, x in inputs.items()}
+  else:
+    costs = {path: _cost(layer) for path, layer in layer_states.items()}
+    results = _spread.spread(invert, inputs, costs, inverse_axis, mesh)
+  out = {}
+  for path, layer in layer_states.items():
+    new, ok = results[path]
+    use = ok & (layer.count > 0)
+    out[path] = layer._replace(
+        inverses=jax.tree.map(lambda n, o: jnp.where(use, n, o), new, layer.inverses),
+        damping=jnp.where(use, dampings[path], layer.damping),
+    )
+  return out
+
+
+def find_states(opt_state: Any) -> list[ScaleByTKFACState]:
+  """Every :class:`ScaleByTKFACState` inside an optimizer state (a chain, a wrapper, ...)."""
+  is_state = lambda x: isinstance(x, ScaleByTKFACState)  # noqa: E731
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
+
+
+def stats_due(opt_state: Any) -> jax.Array:
+  """Whether the next update of the optimizer whose state this is folds in statistics.
+
+  Pass it to the function made by :func:`value_grad_and_stats`, inside the jitted train step, so
+  that the statistics are computed only on the steps that use them (every ``stats_every``):
+
+  .. code-block:: python
+
+    loss, grads, stats = tkfac_jax.value_grad_and_stats(loss_fn)(
+        params, x, y, stats_due=tkfac_jax.stats_due(opt_state))
+
+  Args:
+    opt_state: the state of :func:`tkfac` or :func:`scale_by_tkfac`, or of any chain or wrapper
+      holding one (``optax.inject_hyperparams``, :func:`multi_steps`, ``optax.partition``).
+
+  Returns:
+    A boolean scalar array (true when any of the TKFAC states inside is due).
+  """
+  states = find_states(opt_state)
+  if not states:
+    raise ValueError(
+        "stats_due needs an optimizer state holding a scale_by_tkfac state (the state of "
+        f"tkfac_jax.tkfac or a chain with scale_by_tkfac); got {type(opt_state).__name__}."
+    )
+  due = jnp.asarray(states[0].stats_due, bool)
+  for state in states[1:]:
+    due = due | state.stats_due
+  return due
+
+
 def scale_by_tkfac(
     damping: chex.Numeric = 1e-2,
     *,
     decay: chex.Numeric = 0.95,
+    stats_every: chex.Numeric = 1,
     inverse_every: chex.Numeric = 10,
     curvature: _statistics.Curvature = "tkfac",
     pi_damping: bool = False,
     conv_damping_floor: chex.Numeric | None = None,
+    stagger: bool = True,
     kl_clip: chex.Numeric | None = None,
     learning_rate: optax.ScalarOrSchedule | None = None,
     fallback: optax.GradientTransformation | None = None,
@@ -195,10 +310,18 @@ def scale_by_tkfac(
   keeps its previous factors, and a damped factor that cannot be inverted keeps the previous
   inverse, so bad statistics never reach the parameters.
 
+  Statistics are folded in every ``stats_every`` updates (and on every update until each layer
+  has had a batch of them). To pay for them only on those steps, pass
+  ``stats_due=tkfac_jax.stats_due(opt_state)`` to the function made by
+  :func:`value_grad_and_stats`: inside the one jitted train step it then computes the statistics
+  under ``lax.cond`` only when they are due, and the optimizer folds them in only then. Statistics
+  computed on a step where they are not due are ignored.
+
   Args:
     damping: ``lambda``, the Tikhonov damping, split as ``sqrt(lambda)`` over the two factors.
     decay: ``eps`` of the moving averages ``X <- eps X + (1 - eps) X_batch``; the first batch
       initialises them.
+    stats_every: fold in statistics every this many updates.
     inverse_every: recompute the damped inverses every this many steps.
     curvature: ``"tkfac"`` (trace-restricted factors) or ``"kfac"`` (K-FAC's ``A`` and ``G``, for
       ablations). Statistics must be captured with the same ``curvature``.
@@ -209,6 +332,9 @@ def scale_by_tkfac(
       ``lambda_l = max(delta_l, nu) / (d_in d_out)``, proportional to its Fisher block's mean
       diagonal entry, instead of ``damping`` (which 2-D kernels keep). ``None``: one damping for
       all layers.
+    stagger: split the layers into groups of balanced inversion cost (at most ``inverse_every``)
+      and refresh each group on its own step of the period, so that no step inverts every
+      layer's factors. ``False``: all layers on the same step.
     kl_clip: if set, ``kappa`` of KL clipping: every preconditioned block is scaled by
       ``nu = min(1, sqrt(kappa / (lr^2 sum_l <U_l, G_l>)))``, which bounds the step's predicted KL
       divergence ``nu^2 lr^2 sum_l <U_l, G_l>`` by ``kappa``. Needs ``learning_rate``.
@@ -251,6 +377,9 @@ def scale_by_tkfac(
   _check_concrete("decay", decay, lambda v: 0 <= v < 1, "in [0, 1)")
   _check_concrete(
       "inverse_every", inverse_every, lambda v: int(v) == v and v >= 1, "a positive integer"
+  )
+  _check_concrete(
+      "stats_every", stats_every, lambda v: int(v) == v and v >= 1, "a positive integer"
   )
   _check_concrete("kl_clip", kl_clip, lambda v: v > 0, "positive (or None to disable)")
   _check_concrete(
@@ -305,6 +434,7 @@ def scale_by_tkfac(
         count=jnp.zeros((), jnp.int32),
         layers=_tree.nest(layer_states),
         kl_scale=jnp.ones((), jnp.float32),
+        stats_due=jnp.ones((), bool),
         fallback=fallback.init(params),
     )
 
@@ -418,44 +548,28 @@ def scale_by_tkfac(
     first_seen = jnp.zeros((), bool)
     if stats is not None:
       batch = batch_statistics(stats, layer_states, updates)
-      for path in batch:
-        layer_states[path], first = _fold_in(layer_states[path], batch[path], decay)
-        first_seen = first_seen | first
+      due = state.stats_due if stats.due is None else state.stats_due & stats.due
+      layer_states, first_seen = _fold_due(layer_states, batch, decay, due)
 
-    def invert(inputs):
-      return _inverses.damped_inverses(*inputs, curvature, pi_damping)
-
-    def refresh(layer_states):
-      inputs = {
-          path: (
-              layer.statistics,
-              jnp.asarray(layer_damping(layer, grads[path]), layer.damping.dtype),
-          )
-          for path, layer in layer_states.items()
-      }
-      if inverse_axis is None:
-        results = {path: invert(x) for path, x in inputs.items()}
-      else:
-        costs = {
-            path: sum(float(x.shape[0]) ** (3 if x.ndim == 2 else 1) for x in (s.phi, s.psi))
-            for path, (s, _) in inputs.items()
-        }
-        results = _spread.spread(invert, inputs, costs, inverse_axis, mesh)
-      out = {}
-      for path, layer in layer_states.items():
-        lam = inputs[path][1]
-        new, ok = results[path]
-        # Keep the previous inverses if the factors could not be inverted (or have no data yet).
-        use = ok & (layer.count > 0)
-        out[path] = layer._replace(
-            inverses=jax.tree.map(lambda n, o: jnp.where(use, n, o), new, layer.inverses),
-            damping=jnp.where(use, lam, layer.damping),
-        )
-      return out
-
-    layer_states = jax.lax.cond(
-        (step % inverse_every == 0) | first_seen, refresh, lambda s: s, layer_states
+    dampings = {
+        path: jnp.asarray(layer_damping(layer, grads[path]), layer.damping.dtype)
+        for path, layer in layer_states.items()
+    }
+    refresh = functools.partial(
+        _refresh,
+        dampings=dampings,
+        curvature=curvature,
+        pi_damping=pi_damping,
+        inverse_axis=inverse_axis,
+        mesh=mesh,
     )
+    groups = _refresh_groups(layer_states, inverse_every if stagger else 1)
+    spacing = jnp.maximum(inverse_every // len(groups), 1)
+    for group, paths in enumerate(groups):
+      # Group g refreshes at steps g * spacing (mod inverse_every), so no step refreshes all.
+      due = ((step - group * spacing) % inverse_every == 0) | first_seen
+      part = jax.lax.cond(due, refresh, dict, {p: layer_states[p] for p in paths})
+      layer_states.update(part)
 
     grad_blocks = {path: _augmented(block) for path, block in grads.items()}
     preconditioned = {
@@ -482,10 +596,13 @@ def scale_by_tkfac(
         flat_updates[key] = jnp.where(active[path], value, flat_updates[key])
     treedef = jax.tree.structure(updates)
     new_updates = jax.tree.unflatten(treedef, list(flat_updates.values()))
+    count = optax.safe_increment(step)
+    waiting = jnp.any(jnp.asarray([layer.count == 0 for layer in layer_states.values()] or [False]))
     new_state = ScaleByTKFACState(
-        count=optax.safe_increment(step),
+        count=count,
         layers=_tree.nest(layer_states),
         kl_scale=kl_scale.astype(jnp.float32),
+        stats_due=(count % stats_every == 0) | waiting,
         fallback=fallback_state,
     )
     return new_updates, new_state
