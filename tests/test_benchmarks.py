@@ -105,10 +105,15 @@ def test_step_cost_benchmark_runs(tmp_path, capsys):
   out = tmp_path / "step_cost"
   result = step_cost.main([
       "--hidden", "8", "--inputs", "12", "--batch-size", "4", "--repeats", "2", "--steps", "1",
-      "--out", str(out),
+      "--run-steps", "12", "--out", str(out),
   ])
-  kinds = {"adam", "sgd", "tkfac_stats", "tkfac_no_stats", "tkfac_refresh"}
+  kinds = {"adam", "sgd", "tkfac_stats", "tkfac_no_stats", "tkfac_refresh", "gated_due",
+           "gated_off"}
   assert set(result["median_seconds_per_step"]) == kinds
+  assert result["gated_off_over_no_stats"] > 0 and result["gated_due_over_stats"] > 0
+  for run in result["cadence_runs"].values():  # Every step of every cadence run is timed.
+    assert len(run["seconds"]) == 12 and run["largest_over_median"] >= 1.0
+  assert out.with_name("step_cost_steps.png").stat().st_size > 0
   assert all(len(v) == 2 for v in result["seconds_per_step"].values())
   assert all(math.isfinite(v) and v > 0 for v in result["median_seconds_per_step"].values())
   assert result["ratios_to_adam"]["adam"] == 1.0
@@ -116,6 +121,32 @@ def test_step_cost_benchmark_runs(tmp_path, capsys):
   assert out.with_suffix(".png").stat().st_size > 0
   printed = capsys.readouterr().out
   assert "machine:" in printed and "| tkfac_refresh |" in printed
+  assert "off-cadence" in printed and "| stats 10, inverses 100, staggered |" in printed
+
+
+def test_inverse_methods_benchmark_runs(tmp_path, capsys):
+  """Every inverse method is timed and checked against the exact inverse; the warm-start drift
+  of real factors is measured; JSON and plot are written."""
+  from benchmarks import inverse_methods
+
+  out = tmp_path / "inverse_methods"
+  result = inverse_methods.main([
+      "--sizes", "8,16", "--repeats", "2", "--one-blas-thread-too", "0", "--drift-steps", "20",
+      "--out", str(out),
+  ])
+  by_size = result["results"]["idle"]["default"]
+  assert set(by_size) == {8, 16}
+  for r in by_size.values():
+    assert set(r["methods"]) == set(inverse_methods.METHODS)
+    for name in ("cholesky", "lu", "eigh"):  # Direct methods: the exact inverse.
+      assert r["methods"][name]["relative_error"] < 1e-3, name
+  assert set(result["warm_start_residuals"]) == {
+      f"Dense_{i}.{f}" for i in range(3) for f in ("phi", "psi")}
+  assert json.loads(out.with_suffix(".json").read_text())["settings"]["sizes"] == [8, 16]
+  assert out.with_suffix(".png").stat().st_size > 0
+  printed = capsys.readouterr().out
+  assert "machine:" in printed and "| n | start residual |" in printed
+  assert "| Dense_0.phi |" in printed
 
 
 def test_inverse_spread_benchmark_runs(tmp_path, capsys):

@@ -189,6 +189,60 @@ def test_statistics_stay_due_until_every_layer_has_some():
   assert not bool(tkfac_jax.stats_due(opt_state))  # Step 2 of 10: not due.
 
 
+def test_sampled_fisher_is_computed_only_when_due():
+  """fisher='sampled' with stats_due: the same statistics as without it where due (the same key),
+  zeros where not; its extra backward pass sits inside the lax.cond."""
+
+  def loss(params, x, y):
+    return tkfac_jax.softmax_cross_entropy(MODEL.apply({"params": params}, x), y)
+
+  params, (x, y), key = _params(), _batch(0), jax.random.key(7)
+  capture = tkfac_jax.value_grad_and_stats(loss, fisher="sampled")
+  gated = jax.jit(lambda due: capture(params, x, y, fisher_key=key, stats_due=due))
+  _, _, want = jax.jit(lambda: capture(params, x, y, fisher_key=key))()
+  _, _, got = gated(jnp.bool_(True))
+  references.assert_trees_close(got.layers, want.layers, references.SAME_MATHS)
+  _, _, off = gated(jnp.bool_(False))
+  assert all(not np.any(leaf) for leaf in jax.tree.leaves(off.layers))
+  # The sampling (an argmax over noised logits) and the second backward pass are inside the
+  # cond's branch, not in the step around it as they are without stats_due.
+  def outer(fun, *args):
+    return {eqn.primitive.name for eqn in jax.make_jaxpr(fun)(*args).jaxpr.eqns}
+
+  assert "argmax" in outer(lambda: capture(params, x, y, fisher_key=key))
+  gated_outer = outer(lambda due: capture(params, x, y, fisher_key=key, stats_due=due), True)
+  assert "cond" in gated_outer and "argmax" not in gated_outer
+
+
+def test_a_layer_that_is_never_captured_does_not_hold_the_cadence():
+  """A grouped convolution is in the optimizer state but never captured (it is skipped, with a
+  warning): statistics are not kept due on its account once the other layers have theirs."""
+
+  class Grouped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(4, (3, 3), feature_group_count=2, padding="VALID")(x)
+      return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+  model = Grouped()
+  x, y = _batch(0)
+  params = model.init(jax.random.key(0), x[:1])["params"]
+
+  def loss(params, x, y):
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  tx = _tx(EVERY)
+  opt_state = tx.init(params)
+  _, grads, stats = jax.jit(tkfac_jax.value_grad_and_stats(loss))(params, x, y)
+  assert [path for path, _ in stats.skipped] == ["Conv_0"]
+  with pytest.warns(UserWarning, match="Layer 'Conv_0' is not preconditioned"):
+    _, opt_state = jax.jit(tx.update)(grads, opt_state, params, stats=stats)
+  assert int(_layers(opt_state)["Dense_0"].count) == 1
+  assert int(_layers(opt_state)["Conv_0"].count) == 0
+  assert not bool(tkfac_jax.stats_due(opt_state))  # Step 1 of 3: not due.
+
+
 def test_inject_hyperparams_and_a_chain_read_stats_due():
   """stats_due finds the TKFAC state inside inject_hyperparams and a chain; training matches."""
   tx = optax.chain(

@@ -22,6 +22,7 @@ def tkfac(
     curvature: _statistics.Curvature = "tkfac",
     pi_damping: bool = False,
     conv_damping_floor: chex.Numeric | None = None,
+    inverse_method: str = "newton_schulz",
     stagger: bool = True,
     kl_clip: chex.Numeric | None = 1e-4,
     momentum: chex.Numeric | None = 0.9,
@@ -62,6 +63,7 @@ def tkfac(
     pi_damping: split the damping with the ``pi`` heuristic.
     conv_damping_floor: ``nu`` of TKFAC's damping for convolutions,
       ``lambda_l = max(delta_l, nu) / (d_in d_out)``; ``None`` uses ``damping`` everywhere.
+    inverse_method: ``"newton_schulz"`` or ``"cholesky"``; see :func:`scale_by_tkfac`.
     stagger: refresh the layers' inverses on different steps of the period; see
       :func:`scale_by_tkfac`.
     kl_clip: ``kappa`` of KL clipping, or ``None`` for no clipping.
@@ -93,6 +95,7 @@ def tkfac(
           curvature=curvature,
           pi_damping=pi_damping,
           conv_damping_floor=conv_damping_floor,
+          inverse_method=inverse_method,
           stagger=stagger,
           kl_clip=kl_clip,
           learning_rate=learning_rate if kl_clip is not None else None,

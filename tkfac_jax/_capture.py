@@ -435,14 +435,16 @@ def value_grad_and_stats(
       (loss, (aux, inputs)), (grads, output_grads) = jax.value_and_grad(
           differentiable, argnums=(0, 1), has_aux=True
       )(diff, perturbations)
-    else:
-      loss, aux, inputs, grads, output_grads = _sampled_backward(
+      read_output_grads = lambda: output_grads  # noqa: E731  Shared with the gradient.
+    else:  # The extra backward pass runs only where the statistics are due.
+      loss, aux, inputs, grads, read_output_grads = _sampled_backward(
           differentiable, diff, perturbations, fisher_key
       )
     # A layer that is also applied in a way that cannot be captured has incomplete statistics.
     captured = [path for path in found if path not in skipped]
 
-    def reduce(inputs, output_grads):
+    def reduce(inputs):
+      output_grads = read_output_grads()
       layers = {
           path: _layer_statistics(
               path, found[path], readers[path], inputs[path], output_grads[path], curvature
@@ -452,14 +454,11 @@ def value_grad_and_stats(
       return jax.lax.pmean(layers, axes) if axes else layers
 
     inputs = {path: inputs[path] for path in captured}
-    output_grads = {path: output_grads[path] for path in captured}
     if stats_due is None:
-      layers, due = reduce(inputs, output_grads), None
+      layers, due = reduce(inputs), None
     else:
       due = _check_due(stats_due)
-      layers = jax.lax.cond(
-          due, reduce, functools.partial(_no_statistics, reduce, axes), inputs, output_grads
-      )
+      layers = jax.lax.cond(due, reduce, functools.partial(_no_statistics, reduce, axes), inputs)
     if axes:
       loss, grads = jax.lax.pmean((loss, grads), axes)
     value = (loss, aux) if has_aux else loss
@@ -475,7 +474,7 @@ def value_grad_and_stats(
 
 
 def _check_due(stats_due) -> jax.Array:
-  """``stats_due`` as a boolean scalar array, or a ValueError that says what to pass."""
+  """``stats_due`` as a boolean scalar array, or a TypeError that says what to pass."""
   if isinstance(stats_due, (int, float)) and not isinstance(stats_due, bool):
     raise TypeError(
         f"stats_due must be a boolean (tkfac_jax.stats_due(opt_state)), got {stats_due!r}."
@@ -489,26 +488,26 @@ def _check_due(stats_due) -> jax.Array:
   return due
 
 
-def _no_statistics(reduce, averaged_axes, inputs, output_grads):
-  """Zeros in place of ``reduce(inputs, output_grads)``, computing nothing.
+def _no_statistics(reduce, averaged_axes, inputs):
+  """Zeros in place of ``reduce(inputs)``, computing nothing.
 
   Inside ``jax.shard_map`` the zeros vary over the mesh axes that the layer's own statistics
-  vary over (those of its inputs and output gradients, less the ``averaged_axes`` that ``reduce``
-  averages over), so that both branches of the ``lax.cond`` have one type.
+  vary over (those of its inputs, less the ``averaged_axes`` that ``reduce`` averages over), so
+  that both branches of the ``lax.cond`` have one type.
   """
-  shapes = jax.eval_shape(reduce, inputs, output_grads)
+  shapes = jax.eval_shape(reduce, inputs)
   out = {}
   for path, stats in shapes.items():
-    arrays = list(inputs[path]) + list(output_grads[path])
-    axes = frozenset().union(*(_varying_axes(x) for x in arrays)) - frozenset(averaged_axes)
+    axes = frozenset().union(*(_varying_axes(x) for x in inputs[path])) - frozenset(averaged_axes)
     axes = tuple(sorted(axes))
     out[path] = jax.tree.map(lambda s: _as_varying(jnp.zeros(s.shape, s.dtype), axes), stats)
   return out
 
 
 def _sampled_backward(differentiable, diff, perturbations, key):
-  """One forward pass, then two backward passes: from the loss (the parameter gradient) and
-  from the marked model output with sampled targets (the layers' output gradients)."""
+  """One forward pass and the backward pass from the loss (the parameter gradient); returns with
+  them a function that runs the second backward pass, from the marked model output with sampled
+  targets (the layers' output gradients), so that it can run only where statistics are due."""
   distribution = None
 
   def forward(diff, perturbations):
@@ -524,16 +523,25 @@ def _sampled_backward(differentiable, diff, perturbations, key):
     distribution, output = marks[0]
     return (loss, output), (aux, inputs)
 
-  try:
-    (loss, output), vjp_fn, (aux, inputs) = jax.vjp(forward, diff, perturbations, has_aux=True)
-    grads, _ = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(output)))
-    sampled = _losses.sampled_output_gradient(distribution, output, key).astype(output.dtype)
-    _, output_grads = vjp_fn((jnp.zeros_like(loss), sampled))
-  except jax.errors.UnexpectedTracerError as error:
-    raise ValueError(
+  def hidden_output(error):
+    return ValueError(
         "fisher='sampled': the loss helper was called under a JAX transformation inside the loss "
         "(jax.vmap, lax.scan, jax.checkpoint, ...), so its output cannot be reached. Call "
         "tkfac_jax.softmax_cross_entropy, sigmoid_binary_cross_entropy or squared_error "
         "directly on the batched model output."
-    ) from error
+    )
+
+  try:
+    (loss, output), vjp_fn, (aux, inputs) = jax.vjp(forward, diff, perturbations, has_aux=True)
+    grads, _ = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(output)))
+  except jax.errors.UnexpectedTracerError as error:
+    raise hidden_output(error) from error
+
+  def output_grads():
+    try:
+      sampled = _losses.sampled_output_gradient(distribution, output, key).astype(output.dtype)
+      return vjp_fn((jnp.zeros_like(loss), sampled))[1]
+    except jax.errors.UnexpectedTracerError as error:
+      raise hidden_output(error) from error
+
   return loss, aux, inputs, grads, output_grads

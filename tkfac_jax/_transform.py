@@ -47,16 +47,16 @@ class ScaleByTKFACState(NamedTuple):
     layers: nested dict mirroring ``params``: at each preconditioned layer's parameter node, its
       :class:`LayerState`.
     kl_scale: the factor the last update was scaled by for KL clipping (1 without clipping).
-    stats_due: whether the next update folds in statistics (every ``stats_every`` updates, and
-      until every layer has had some); read it with :func:`stats_due`.
     fallback: the state of the fallback transformation.
+    stats_due: whether the next update folds in statistics (every ``stats_every`` updates, and
+      until the layers given statistics have had some); read it with :func:`stats_due`.
   """
 
   count: jax.Array
   layers: Any
   kl_scale: jax.Array
-  stats_due: jax.Array = True
   fallback: Any = optax.EmptyState()
+  stats_due: jax.Array = True
 
 
 def _is_layer_state(x) -> bool:
@@ -159,17 +159,17 @@ def _fold_in(
 
 def _fold_due(layer_states, batch, decay, due):
   """Folds ``batch`` into the running statistics where ``due``, under ``lax.cond`` so that a step
-  without statistics does not touch the factors; returns them and whether a layer got its first."""
+  without statistics does not touch the factors; returns them and, per layer, whether it got its
+  first statistics."""
+  no_first = {path: jnp.zeros((), bool) for path in layer_states}
 
   def fold(layer_states):
-    layer_states = dict(layer_states)
-    first_seen = jnp.zeros((), bool)
+    layer_states, firsts = dict(layer_states), dict(no_first)
     for path in batch:
-      layer_states[path], first = _fold_in(layer_states[path], batch[path], decay)
-      first_seen = first_seen | first
-    return layer_states, first_seen
+      layer_states[path], firsts[path] = _fold_in(layer_states[path], batch[path], decay)
+    return layer_states, firsts
 
-  return jax.lax.cond(due, fold, lambda s: (dict(s), jnp.zeros((), bool)), layer_states)
+  return jax.lax.cond(due, fold, lambda s: (dict(s), dict(no_first)), layer_states)
 
 
 def _cost(layer: LayerState) -> float:
@@ -182,8 +182,10 @@ def _cost(layer: LayerState) -> float:
 
 def _refresh_groups(layer_states: dict, inverse_every) -> list[list[_tree.Path]]:
   """The layers split into at most ``inverse_every`` groups of balanced inversion cost, each
-  refreshed on its own step of the period. One group when ``inverse_every`` is traced (under
-  ``optax.inject_hyperparams``) or there is one layer."""
+  refreshed on its own step of the period. One group when there is one layer, or when
+  ``inverse_every`` is traced: ``optax.inject_hyperparams`` makes every numeric argument a traced
+  hyperparameter unless it is named in its ``static_args``, so pass
+  ``static_args=("inverse_every",)`` there to keep the refreshes staggered."""
   try:
     period = int(inverse_every)
   except (TypeError, jax.errors.ConcretizationTypeError):
@@ -201,6 +203,7 @@ def _refresh(
     dampings: dict,
     curvature: str,
     pi_damping: bool,
+    inverse_method: str,
     inverse_axis: str | None,
     mesh,
 ) -> dict:
@@ -209,10 +212,15 @@ def _refresh(
   A layer whose factors cannot be inverted (or that has no statistics yet) keeps its previous
   inverses and damping.
   """
-  inputs = {path: (layer.statistics, dampings[path]) for path, layer in layer_states.items()}
+  # A layer's inverses were computed from statistics once its damping is set (with damping=0
+  # this stays false, and every refresh is a Cholesky inverse).
+  inputs = {
+      path: (layer.statistics, dampings[path], layer.inverses, layer.damping > 0)
+      for path, layer in layer_states.items()
+  }
 
   def invert(inputs):
-    return _inverses.damped_inverses(*inputs, curvature, pi_damping)
+    return _inverses.damped_inverses(*inputs, curvature, pi_damping, inverse_method)
 
   if inverse_axis is None:
     results = {path: invert(x) for path, x in inputs.items()}
@@ -275,6 +283,7 @@ def scale_by_tkfac(
     curvature: _statistics.Curvature = "tkfac",
     pi_damping: bool = False,
     conv_damping_floor: chex.Numeric | None = None,
+    inverse_method: _inverses.InverseMethod = "newton_schulz",
     stagger: bool = True,
     kl_clip: chex.Numeric | None = None,
     learning_rate: optax.ScalarOrSchedule | None = None,
@@ -332,9 +341,14 @@ def scale_by_tkfac(
       ``lambda_l = max(delta_l, nu) / (d_in d_out)``, proportional to its Fisher block's mean
       diagonal entry, instead of ``damping`` (which 2-D kernels keep). ``None``: one damping for
       all layers.
+    inverse_method: ``"newton_schulz"`` (default): matrix products from the inverse in use,
+      checked by their residual, with a Cholesky inverse only where they do not converge (a
+      layer's first refresh, a factor that moved far); ``"cholesky"``: a Cholesky inverse at every
+      refresh. See :func:`tkfac_jax._inverses.inverse` for the measurements behind the default.
     stagger: split the layers into groups of balanced inversion cost (at most ``inverse_every``)
       and refresh each group on its own step of the period, so that no step inverts every
-      layer's factors. ``False``: all layers on the same step.
+      layer's factors. ``False``: all layers on the same step. Under
+      ``optax.inject_hyperparams``, name ``inverse_every`` in its ``static_args`` to keep this.
     kl_clip: if set, ``kappa`` of KL clipping: every preconditioned block is scaled by
       ``nu = min(1, sqrt(kappa / (lr^2 sum_l <U_l, G_l>)))``, which bounds the step's predicted KL
       divergence ``nu^2 lr^2 sum_l <U_l, G_l>`` by ``kappa``. Needs ``learning_rate``.
@@ -373,6 +387,10 @@ def scale_by_tkfac(
   """
   if curvature not in _statistics.CURVATURES:
     raise ValueError(f"curvature must be one of {_statistics.CURVATURES}, got {curvature!r}.")
+  if inverse_method not in _inverses.INVERSE_METHODS:
+    raise ValueError(
+        f"inverse_method must be one of {_inverses.INVERSE_METHODS}, got {inverse_method!r}."
+    )
   _check_concrete("damping", damping, lambda v: v >= 0, "non-negative")
   _check_concrete("decay", decay, lambda v: 0 <= v < 1, "in [0, 1)")
   _check_concrete(
@@ -545,11 +563,13 @@ def scale_by_tkfac(
       _layer_blocks(params, layer_states, "params")
 
     step = state.count
-    first_seen = jnp.zeros((), bool)
+    first_seen = {path: jnp.zeros((), bool) for path in layer_states}
+    offered = []
     if stats is not None:
       batch = batch_statistics(stats, layer_states, updates)
       due = state.stats_due if stats.due is None else state.stats_due & stats.due
       layer_states, first_seen = _fold_due(layer_states, batch, decay, due)
+      offered = list(batch)
 
     dampings = {
         path: jnp.asarray(layer_damping(layer, grads[path]), layer.damping.dtype)
@@ -560,6 +580,7 @@ def scale_by_tkfac(
         dampings=dampings,
         curvature=curvature,
         pi_damping=pi_damping,
+        inverse_method=inverse_method,
         inverse_axis=inverse_axis,
         mesh=mesh,
     )
@@ -567,7 +588,9 @@ def scale_by_tkfac(
     spacing = jnp.maximum(inverse_every // len(groups), 1)
     for group, paths in enumerate(groups):
       # Group g refreshes at steps g * spacing (mod inverse_every), so no step refreshes all.
-      due = ((step - group * spacing) % inverse_every == 0) | first_seen
+      due = (step - group * spacing) % inverse_every == 0
+      for path in paths:  # A layer's first statistics refresh its group at once.
+        due = due | first_seen[path]
       part = jax.lax.cond(due, refresh, dict, {p: layer_states[p] for p in paths})
       layer_states.update(part)
 
@@ -597,7 +620,13 @@ def scale_by_tkfac(
     treedef = jax.tree.structure(updates)
     new_updates = jax.tree.unflatten(treedef, list(flat_updates.values()))
     count = optax.safe_increment(step)
-    waiting = jnp.any(jnp.asarray([layer.count == 0 for layer in layer_states.values()] or [False]))
+    # Statistics stay due while none have been folded in at all, or while a layer that was
+    # offered some has none yet (its batch was not finite); a layer that is never captured (only
+    # ever skipped) does not hold the cadence back.
+    counts = [layer.count for layer in layer_states.values()]
+    waiting = jnp.all(jnp.asarray([c == 0 for c in counts] or [False]))
+    for path in offered:
+      waiting = waiting | (layer_states[path].count == 0)
     new_state = ScaleByTKFACState(
         count=count,
         layers=_tree.nest(layer_states),
