@@ -6,7 +6,11 @@ Measures, on one model and batch in one run, the median wall-clock time of:
 - ``sgd``: the same with SGD and momentum;
 - ``tkfac_stats``: a TKFAC step that captures statistics (no inverse refresh);
 - ``tkfac_no_stats``: a TKFAC step with ``stats=None`` (plain ``value_and_grad``; no refresh);
-- ``tkfac_refresh``: a TKFAC step that captures statistics and recomputes the inverses.
+- ``tkfac_refresh``: a TKFAC step that captures statistics and recomputes the inverses (by
+  Cholesky, a full inversion);
+- ``gated_due`` and ``gated_off``: the one train step a user writes with
+  ``stats_due=tkfac_jax.stats_due(opt_state)``, on a step where statistics are due and on one
+  where they are not (which should cost what ``tkfac_no_stats`` costs: the ratio is printed);
 
 and from them the amortised cost per step of capturing statistics every ``T_stats`` steps and
 recomputing inverses every ``T_inv`` steps. Prints the machine, versions and settings, writes JSON
@@ -48,17 +52,45 @@ class MLP(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
-def time_step(step: Callable, state, batch, repeats: int, steps: int) -> list[float]:
-  """Median-ready list of seconds per step: ``repeats`` blocks of ``steps`` steps each."""
-  state = jax.block_until_ready(step(*state, *batch))  # Compile and warm up.
+def time_step(step: Callable, state, batches, repeats: int, steps: int) -> list[float]:
+  """Median-ready list of seconds per step: ``repeats`` blocks of ``steps`` steps each, cycling
+  through ``batches`` (so that the factors move between refreshes as they do in training)."""
+  state = jax.block_until_ready(step(*state, *batches[0]))  # Compile and warm up.
   per_step = []
   for _ in range(repeats):
     start = time.perf_counter()
-    for _ in range(steps):
-      state = step(*state, *batch)
+    for i in range(steps):
+      state = step(*state, *batches[i % len(batches)])
     jax.block_until_ready(state)
     per_step.append((time.perf_counter() - start) / steps)
   return per_step
+
+
+def step_times(step: Callable, state, batches, steps: int) -> list[float]:
+  """Seconds of each of ``steps`` consecutive steps (cycling through ``batches``), each timed to
+  ``block_until_ready``."""
+  state = jax.block_until_ready(step(*state, *batches[0]))  # Compile and warm up.
+  times = []
+  for i in range(steps):
+    start = time.perf_counter()
+    state = jax.block_until_ready(step(*state, *batches[i % len(batches)]))
+    times.append(time.perf_counter() - start)
+  return times
+
+
+BATCHES = 8  # Random batches cycled through, so that the factors keep moving.
+
+# The cadences whose every step is timed: the library's former behaviour (statistics every step,
+# all inverses every 10 steps on one step, by Cholesky), the same by Newton-Schulz, staggered
+# (the default), and sparser.
+RUNS = {
+    "before: stats 1, inverses 10 by Cholesky, all at once": dict(
+        stats_every=1, inverse_every=10, stagger=False, inverse_method="cholesky"),
+    "stats 1, inverses 10, all at once": dict(stats_every=1, inverse_every=10, stagger=False),
+    "stats 1, inverses 10, staggered": dict(stats_every=1, inverse_every=10, stagger=True),
+    "stats 10, inverses 100, all at once": dict(stats_every=10, inverse_every=100, stagger=False),
+    "stats 10, inverses 100, staggered": dict(stats_every=10, inverse_every=100, stagger=True),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -68,13 +100,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
+  parser.add_argument("--run-steps", type=int, default=300,
+                      help="steps of each cadence run whose every step is timed (0: skip)")
   parser.add_argument("--out", default="results/step_cost", help="path prefix for .json/.png")
   args = parser.parse_args(argv)
   hidden = tuple(int(w) for w in args.hidden.split(","))
 
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.random((args.batch_size, args.inputs)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 10, args.batch_size), jnp.int32)
+  batches = [
+      (jnp.asarray(rng.random((args.batch_size, args.inputs)), jnp.float32),
+       jnp.asarray(rng.integers(0, 10, args.batch_size), jnp.int32))
+      for _ in range(BATCHES)
+  ]
+  x, y = batches[0]
   model = MLP(hidden)
   params = model.init(jax.random.key(0), x)["params"]
 
@@ -102,8 +140,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     return step
 
+  def gated_step(tx):
+    @jax.jit
+    def step(params, opt_state, x, y):
+      due = tkfac_jax.stats_due(opt_state)
+      _, grads, stats = tkfac_jax.value_grad_and_stats(loss_fn)(params, x, y, stats_due=due)
+      updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+      return optax.apply_updates(params, updates), opt_state
+
+    return step
+
   # inverse_every=1 refreshes every step; a huge inverse_every never refreshes after step 0.
-  never, always = tkfac_jax.tkfac(0.01, 1e-2, inverse_every=2**30), tkfac_jax.tkfac(0.01, 1e-2, inverse_every=1)
+  huge = 2**30
+  never = tkfac_jax.tkfac(0.01, 1e-2, inverse_every=huge)
+  # A refresh at every step by Cholesky: a full inversion each time (Newton-Schulz from the
+  # previous step's inverse would be cheaper than at a real cadence, as the factors barely move).
+  always = tkfac_jax.tkfac(0.01, 1e-2, inverse_every=1, inverse_method="cholesky")
+  # Gated: statistics due on every step, or (after step 0) never.
+  gated_due = tkfac_jax.tkfac(0.01, 1e-2, stats_every=1, inverse_every=huge)
+  gated_off = tkfac_jax.tkfac(0.01, 1e-2, stats_every=huge, inverse_every=huge)
   adam, sgd = optax.adam(1e-3), optax.sgd(0.01, momentum=0.9)
   cases = {
       "adam": (plain(adam), adam),
@@ -111,13 +166,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
       "tkfac_stats": (tkfac_step(never, True), never),
       "tkfac_no_stats": (tkfac_step(never, False), never),
       "tkfac_refresh": (tkfac_step(always, True), always),
+      "gated_due": (gated_step(gated_due), gated_due),
+      "gated_off": (gated_step(gated_off), gated_off),
   }
   timings = {}
   for name, (step, tx) in cases.items():
     opt_state = tx.init(params)
-    if tx is never:  # Take the step-0 refresh out of the way before timing.
-      _, opt_state = tkfac_step(never, True)(params, opt_state, x, y)
-    timings[name] = time_step(step, (params, opt_state), (x, y), args.repeats, args.steps)
+    if tx is not always and name not in ("adam", "sgd"):
+      # Take the step-0 statistics and refresh out of the way before timing.
+      _, opt_state = tkfac_step(tx, True)(params, opt_state, x, y)
+    timings[name] = time_step(step, (params, opt_state), batches, args.repeats, args.steps)
   median = {name: statistics.median(t) for name, t in timings.items()}
 
   stats_cost = median["tkfac_stats"] - median["tkfac_no_stats"]
@@ -139,31 +197,82 @@ def main(argv: Sequence[str] | None = None) -> dict:
   for name, seconds in median.items():
     print(f"| {name} | {1e3 * seconds:.2f} | {seconds / median['adam']:.2f} |")
   print()
+  off_ratio = median["gated_off"] / median["tkfac_no_stats"]
+  due_ratio = median["gated_due"] / median["tkfac_stats"]
+  print(f"one train step with stats_due: off-cadence {off_ratio:.2f}x a stats=None step, "
+        f"on-cadence {due_ratio:.2f}x a step that always captures.")
   print(f"statistics capture adds {1e3 * stats_cost:.2f} ms per capturing step; an inverse "
-        f"refresh adds {1e3 * refresh_cost:.2f} ms.")
+        f"refresh by Cholesky adds {1e3 * refresh_cost:.2f} ms.")
   print("| cadence | amortised ms per step | x Adam |")
   print("| --- | ---: | ---: |")
   for name, seconds in amortised.items():
     print(f"| {name} | {1e3 * seconds:.2f} | {seconds / median['adam']:.2f} |")
 
+  runs = {}
+  if args.run_steps:
+    print()
+    print(f"every step of {args.run_steps}-step runs, one jitted step with stats_due "
+          "(the first step, which computes everything, excluded):")
+    print("| cadence | median ms | largest ms | largest / median | mean ms | mean x Adam |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, cadence in RUNS.items():
+      tx = tkfac_jax.tkfac(0.01, 1e-2, **cadence)
+      times = step_times(gated_step(tx), (params, tx.init(params)), batches, args.run_steps)
+      med, big, mean = statistics.median(times), max(times), statistics.mean(times)
+      runs[name] = {"settings": cadence, "seconds": times, "median": med, "largest": big,
+                    "mean": mean, "largest_over_median": big / med,
+                    "mean_over_adam": mean / median["adam"]}
+      print(f"| {name} | {1e3 * med:.2f} | {1e3 * big:.2f} | {big / med:.1f} | "
+            f"{1e3 * mean:.2f} | {mean / median['adam']:.2f} |")
+
   result = {
       **header,
+      "cadence_runs": runs,
       "seconds_per_step": timings,
       "median_seconds_per_step": median,
       "statistics_cost_seconds": stats_cost,
       "refresh_cost_seconds": refresh_cost,
+      "gated_off_over_no_stats": off_ratio,
+      "gated_due_over_stats": due_ratio,
       "amortised_seconds_per_step": amortised,
       "ratios_to_adam": {k: v / median["adam"] for k, v in {**median, **amortised}.items()},
   }
   settings, where = header["settings"], header["machine"]
+  title = (f"{settings['model']}, batch {settings['batch_size']} — {where['cpu']} "
+           f"({where['cpu_count']} cores), {header['date']}")
   machine.write_timings(
       result, args.out,
       [("one step (median)", median), ("amortised over the cadence", amortised)],
-      f"{settings['model']}, batch {settings['batch_size']} — {where['cpu']} "
-      f"({where['cpu_count']} cores), {header['date']}",
+      title,
       reference=("Adam step", median["adam"]),
   )
+  if runs:
+    _plot_runs(runs, median["adam"], pathlib.Path(args.out).with_name(
+        pathlib.Path(args.out).name + "_steps.png"), title)
   return result
+
+
+def _plot_runs(runs: dict, adam_seconds: float, path: pathlib.Path, title: str) -> None:
+  """Each run's step times, step by step: the spikes are the inverse refreshes."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, axes = plt.subplots(len(runs), 1, figsize=(9, 2.1 * len(runs)), sharex=True, sharey=True)
+  for ax, (name, run) in zip(axes, runs.items()):
+    ax.plot([1e3 * t for t in run["seconds"]], lw=0.8)
+    ax.axhline(1e3 * adam_seconds, color="gray", ls="--", lw=0.8, label="Adam step (median)")
+    ax.set_yscale("log")
+    ax.set_title(f"{name}: largest {run['largest_over_median']:.1f}x the median step, "
+                 f"mean {run['mean_over_adam']:.2f}x Adam", fontsize=8)
+    ax.set_ylabel("ms")
+  axes[0].legend(fontsize=7)
+  axes[-1].set_xlabel("step")
+  fig.suptitle(title, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 if __name__ == "__main__":
