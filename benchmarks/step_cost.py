@@ -102,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
   parser.add_argument("--run-steps", type=int, default=300,
                       help="steps of each cadence run whose every step is timed (0: skip)")
+  parser.add_argument("--runs", type=int, default=len(RUNS),
+                      help=f"how many of the {len(RUNS)} cadence runs to time (the first ones)")
   parser.add_argument("--out", default="results/step_cost", help="path prefix for .json/.png")
   args = parser.parse_args(argv)
   hidden = tuple(int(w) for w in args.hidden.split(","))
@@ -215,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
           "(the first step, which computes everything, excluded):")
     print("| cadence | median ms | largest ms | largest / median | mean ms | mean x Adam |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, cadence in RUNS.items():
+    for name, cadence in list(RUNS.items())[:args.runs]:
       tx = tkfac_jax.tkfac(0.01, 1e-2, **cadence)
       times = step_times(gated_step(tx), (params, tx.init(params)), batches, args.run_steps)
       med, big, mean = statistics.median(times), max(times), statistics.mean(times)

@@ -105,12 +105,13 @@ def test_step_cost_benchmark_runs(tmp_path, capsys):
   out = tmp_path / "step_cost"
   result = step_cost.main([
       "--hidden", "8", "--inputs", "12", "--batch-size", "4", "--repeats", "2", "--steps", "1",
-      "--run-steps", "12", "--out", str(out),
+      "--run-steps", "12", "--runs", "2", "--out", str(out),
   ])
   kinds = {"adam", "sgd", "tkfac_stats", "tkfac_no_stats", "tkfac_refresh", "gated_due",
            "gated_off"}
   assert set(result["median_seconds_per_step"]) == kinds
   assert result["gated_off_over_no_stats"] > 0 and result["gated_due_over_stats"] > 0
+  assert len(result["cadence_runs"]) == 2
   for run in result["cadence_runs"].values():  # Every step of every cadence run is timed.
     assert len(run["seconds"]) == 12 and run["largest_over_median"] >= 1.0
   assert out.with_name("step_cost_steps.png").stat().st_size > 0
@@ -121,7 +122,7 @@ def test_step_cost_benchmark_runs(tmp_path, capsys):
   assert out.with_suffix(".png").stat().st_size > 0
   printed = capsys.readouterr().out
   assert "machine:" in printed and "| tkfac_refresh |" in printed
-  assert "off-cadence" in printed and "| stats 10, inverses 100, staggered |" in printed
+  assert "off-cadence" in printed and "| stats 1, inverses 10, all at once |" in printed
 
 
 def test_inverse_methods_benchmark_runs(tmp_path, capsys):

@@ -183,13 +183,15 @@ def inverse(
   if method == "cholesky":
     return cholesky_inverse(matrix)
 
-  def iterate(_):
-    x, converged = newton_schulz_inverse(matrix, previous)
-    return jax.lax.cond(
-        converged, lambda: (x, jnp.ones((), bool)), lambda: cholesky_inverse(matrix)
-    )
-
-  return jax.lax.cond(has_previous, iterate, lambda _: cholesky_inverse(matrix), None)
+  x, converged = jax.lax.cond(
+      has_previous,
+      lambda: newton_schulz_inverse(matrix, previous),
+      lambda: (previous, jnp.zeros((), bool)),
+  )
+  # One Cholesky in the program, for every case that needs it.
+  return jax.lax.cond(
+      converged, lambda: (x, jnp.ones((), bool)), lambda: cholesky_inverse(matrix)
+  )
 
 
 def damped_inverses(
