@@ -196,6 +196,7 @@ def train_one(
       "train_seconds": trained,
       "median_step_seconds": median_step,
       "mean_step_seconds": trained / len(step_seconds),
+      "max_step_seconds": max(warm),
       "compile_seconds": max(runner.start_seconds - median_step, 0.0),
       "peak_bytes": runner.peak_bytes,
       "diverged": diverged,

@@ -231,11 +231,16 @@ def create(name: str, task: tasks.Task, hparams: dict[str, Any],
   """The runner for the optimizer called ``name`` with ``hparams`` (learning_rate, damping)."""
   lr = hparams["learning_rate"]
   if name in ("tkfac", "kfac"):
+    scale_invariant = hparams.get("scale_invariant", True)
+    # The paper's convolution damping has an absolute floor; the scale-invariant damping is
+    # already relative to each block, so it takes no floor unless one is asked for.
+    floor = hparams.get("conv_damping_floor", None if scale_invariant else task.conv_damping_floor)
     tx = tkfac_jax.tkfac(
-        lr, hparams["damping"], conv_damping_floor=task.conv_damping_floor, momentum=MOMENTUM,
+        lr, hparams["damping"], conv_damping_floor=floor, momentum=MOMENTUM,
         decay=DECAY, stats_every=hparams.get("stats_every", 1),
         inverse_every=hparams.get("inverse_every", INVERSE_EVERY), curvature=name,
         kl_clip=hparams.get("kl_clip", KL_CLIP),
+        scale_invariant=scale_invariant,
     )
     return OptaxRunner(task, tx, name, dropout_key)
   if name == "kfac_jax":

@@ -117,6 +117,8 @@ class Task:
     held_out_examples: evaluate on this many held-out examples (a fixed subset), or all of them.
     defaults: per optimizer, the hyperparameters used without ``--tune``.
     grid: per optimizer, the grid ``--tune`` searches.
+    loss_scale: the training loss is this times the mean per-example loss (1 for every task of the
+      race; see :meth:`loss`).
   """
 
   name: str
@@ -130,14 +132,18 @@ class Task:
   held_out_examples: int | None
   defaults: dict[str, dict[str, Any]]
   grid: dict[str, dict[str, Sequence[Any]]]
+  loss_scale: float = 1.0
 
   @property
   def higher_is_better(self) -> bool:
     return self.metric.endswith("accuracy")
 
   def loss(self, logits: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
-    """Mean over the batch of the per-example loss."""
-    return jnp.mean(self.per_example_loss(logits, x, y))
+    """Mean over the batch of the per-example loss (times ``loss_scale``: a variant of the task
+    whose loss is summed, or averaged over the outputs, to check that a step does not depend on
+    the loss's scale)."""
+    loss = jnp.mean(self.per_example_loss(logits, x, y))
+    return loss if self.loss_scale == 1.0 else self.loss_scale * loss
 
   def per_example_loss(self, logits: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
     if self.classifier:

@@ -219,7 +219,9 @@ def test_capture_argnums_out_of_range_raises(setup):
 # Bad numbers.
 
 _DECAY = 0.5
-_ROBUST = tkfac_jax.scale_by_tkfac(1e-2, decay=_DECAY, inverse_every=1)
+_ROBUST = tkfac_jax.scale_by_tkfac(
+    1e-2, decay=_DECAY, stats_every=1, inverse_every=1, scale_invariant=False
+)
 _ROBUST_UPDATE = jax.jit(_ROBUST.update)
 
 
@@ -268,12 +270,17 @@ def test_non_finite_first_statistics_leave_identity(setup):
   for name in ("kernel", "bias"):
     np.testing.assert_array_equal(updates["Dense_1"][name], grads["Dense_1"][name])
   assert int(state.layers["Dense_0"].count) == 1
+  # Scale-invariant: the NaN layer is left out of the mean curvature, and nothing is NaN.
+  tx = tkfac_jax.scale_by_tkfac(1e-2, kl_clip=1e-6, learning_rate=0.1)
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params, stats=bad)
+  assert _finite(updates) and _finite(state)
+  assert int(state.layers["Dense_1"].count) == 0
 
 
 def test_factor_not_positive_definite_keeps_previous_inverse(setup):
   """Running statistics with a negative eigenvalue (not PD after damping) keep the last inverse."""
   params, _, _ = setup
-  tx = tkfac_jax.scale_by_tkfac(1e-4, decay=0.0, inverse_every=1)
+  tx = tkfac_jax.scale_by_tkfac(1e-4, decay=0.0, stats_every=1, inverse_every=1)
   update = jax.jit(tx.update)
   g1, s1 = _capture(params, 1)
   g2, s2 = _capture(params, 2)
@@ -294,7 +301,7 @@ def test_zero_damping_with_a_rank_deficient_batch_stays_finite(setup):
   """damping=0 and identical examples (rank-1 input factors): the singular factor is not
   inverted; the previous inverse is kept and the update is finite."""
   params, _, _ = setup
-  tx = tkfac_jax.scale_by_tkfac(0.0, decay=0.0, inverse_every=1)
+  tx = tkfac_jax.scale_by_tkfac(0.0, decay=0.0, stats_every=1, inverse_every=1)
   update = jax.jit(tx.update)
   g1, s1 = _capture(params, 1)
   _, state1 = update(g1, tx.init(params), params, stats=s1)

@@ -191,7 +191,8 @@ def test_kl_clip_from_the_grid_reaches_the_optimizer(tmp_path):
   moved = {}
   for kl_clip in (1e-12, 1e-2):
     runner = methods.create(
-        "tkfac", task, dict(learning_rate=0.1, damping=1e-2, kl_clip=kl_clip), jax.random.key(1))
+        "tkfac", task, dict(learning_rate=0.1, damping=1e-2, kl_clip=kl_clip,
+                            scale_invariant=False), jax.random.key(1))
     state = runner.start(variables["params"], {}, x, y)
     (params, _, _), _ = runner.step(state, x, y, 0)
     moved[kl_clip] = max(

@@ -43,10 +43,10 @@ def test_diagnostics_match_hand_built_damped_factors(wrap):
   params, grads, stats = _setup()
   damping, floor = 1e-2, 1e-6
   if wrap == "plain":
-    tx = tkfac_jax.tkfac(0.1, damping, conv_damping_floor=floor)
+    tx = tkfac_jax.tkfac(0.1, damping, conv_damping_floor=floor, scale_invariant=False)
   else:
     tx = optax.inject_hyperparams(tkfac_jax.tkfac)(
-        learning_rate=0.1, damping=damping, conv_damping_floor=floor
+        learning_rate=0.1, damping=damping, conv_damping_floor=floor, scale_invariant=False
     )
   state = tx.init(params)
   before = tkfac_jax.diagnostics(state)

@@ -87,7 +87,7 @@ def _mean(trees):
 
 def test_train_state_apply_gradients_equals_update_by_hand():
   """Under jit, TrainState.apply_gradients(grads=, stats=) is exactly tx.update + apply_updates."""
-  tx = tkfac_jax.tkfac(LR, damping=1e-2, inverse_every=2)
+  tx = tkfac_jax.tkfac(LR, damping=1e-2, stats_every=1, inverse_every=2)
   params = _params()
   state = tkfac_jax.TrainState.create(apply_fn=MODEL.apply, params=params, tx=tx)
 
@@ -166,7 +166,9 @@ def test_partition_tkfac_and_adam_train_end_to_end():
   """partition({'tkfac': tkfac(layers=...), 'adam': adam}): each part equals its optimizer alone."""
 
   def make_tkfac():
-    return tkfac_jax.tkfac(LR, damping=1e-2, kl_clip=1e-3, inverse_every=2, layers=TKFAC_LAYERS)
+    return tkfac_jax.tkfac(
+        LR, damping=1e-2, kl_clip=1e-3, stats_every=1, inverse_every=2, layers=TKFAC_LAYERS
+    )
 
   tx = partition({"tkfac": make_tkfac(), "adam": optax.adam(1e-2)}, LABELS)
   # References: TKFAC over the whole tree, preconditioning the same layers, and Adam run alone on
@@ -211,9 +213,16 @@ def test_masked_tkfac_equals_the_layers_option():
   """optax.masked(scale_by_tkfac(layers=...)) is scale_by_tkfac(layers=...) on the whole tree."""
   mask = {name: label == "tkfac" for name, label in LABELS.items()}
   masked = optax.chain(
-      optax.masked(tkfac_jax.scale_by_tkfac(1e-2, layers=TKFAC_LAYERS), mask), optax.scale(-LR)
+      optax.masked(
+          tkfac_jax.scale_by_tkfac(1e-2, layers=TKFAC_LAYERS, scale_invariant=False), mask
+      ),
+      optax.scale(-LR),
   )
-  whole = optax.chain(tkfac_jax.scale_by_tkfac(1e-2, layers=TKFAC_LAYERS), optax.scale(-LR))
+  # The paper's mode: its fallback, like the mask, passes the other layers' gradients through.
+  whole = optax.chain(
+      tkfac_jax.scale_by_tkfac(1e-2, layers=TKFAC_LAYERS, scale_invariant=False),
+      optax.scale(-LR),
+  )
   params = _params()
   states = masked.init(params), whole.init(params)
 
@@ -365,7 +374,7 @@ def test_multi_steps_equals_full_batch_steps():
   TRAJECTORY for the parameters' displacement, each relative to the largest entry. Counting one
   micro-batch twice must fail every one of them.
   """
-  tx = tkfac_jax.tkfac(LR, damping=1e-2, inverse_every=2)
+  tx = tkfac_jax.tkfac(LR, damping=1e-2, stats_every=1, inverse_every=2)
   windows = [7, 8, 9]
   params, state, updates = _micro_steps(tx, windows)
   full_params, full_state = _full_batch_steps(tx, windows)
@@ -440,7 +449,7 @@ def test_multi_steps_bad_input():
 
 # Checkpoints: Orbax and flax.serialization.
 
-CKPT_TX = tkfac_jax.tkfac(LR, damping=1e-2, inverse_every=2)
+CKPT_TX = tkfac_jax.tkfac(LR, damping=1e-2, stats_every=1, inverse_every=2)
 CKPT_STEPS = 6
 TRACES = []
 
@@ -487,7 +496,7 @@ def test_orbax_checkpoint_resumes_exactly(tmp_path, uninterrupted):
     checkpointer.wait_until_finished()
 
   # A fresh process knows only the model and the optimizer: the target is their abstract state.
-  tx = tkfac_jax.tkfac(LR, damping=1e-2, inverse_every=2)
+  tx = tkfac_jax.tkfac(LR, damping=1e-2, stats_every=1, inverse_every=2)
   abstract = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p)}, _params())
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(

@@ -134,7 +134,7 @@ def test_optimizer_with_either_method_trains_alike():
   def loss(params, x, y):
     return jnp.mean((model.apply({"params": params["dense"]}, x) - y) ** 2)
 
-  txs = {m: tkfac_jax.scale_by_tkfac(1e-2, inverse_every=2, inverse_method=m)
+  txs = {m: tkfac_jax.scale_by_tkfac(1e-2, stats_every=1, inverse_every=2, inverse_method=m)
          for m in ("newton_schulz", "cholesky")}
   updates_fns = {m: jax.jit(tx.update) for m, tx in txs.items()}
   states = {m: tx.init(params) for m, tx in txs.items()}

@@ -457,8 +457,11 @@ def _conv_net():
 @functools.partial(jax.jit, static_argnames=("curvature", "floor"))
 def _first_update(grads, params, stats, damping, nu, curvature, floor):
   """``scale_by_tkfac``'s first update; traced ``damping`` and ``nu`` share one compile."""
+  # The paper's damping; the scale-invariant mode is checked against the same solves in
+  # test_truths.py.
   tx = tkfac_jax.scale_by_tkfac(
-      damping, curvature=curvature, conv_damping_floor=nu if floor else None
+      damping, curvature=curvature, conv_damping_floor=nu if floor else None,
+      scale_invariant=False,
   )
   updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
   return updates

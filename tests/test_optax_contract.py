@@ -56,7 +56,10 @@ _CAPTURE = {
 
 # Shared transformations, so that their jitted updates compile once for the whole file.
 DECAY = 0.8
-PRECONDITIONER = tkfac_jax.scale_by_tkfac(1e-2, decay=DECAY, inverse_every=3)
+# The paper's absolute damping, under which the LayerNorm's gradient passes through unchanged.
+PRECONDITIONER = tkfac_jax.scale_by_tkfac(
+    1e-2, decay=DECAY, stats_every=1, inverse_every=3, scale_invariant=False
+)
 PRECONDITION = jax.jit(PRECONDITIONER.update)
 PLAIN = tkfac_jax.tkfac(LR, damping=1e-2, kl_clip=None, momentum=None)
 PLAIN_UPDATE = jax.jit(PLAIN.update)
@@ -121,8 +124,14 @@ def test_learning_rate_schedule_is_followed_including_by_kl_clipping():
   """KL clipping scales U by min(1, sqrt(kappa / (lr_k^2 <U, G>))) with the schedule's lr_k."""
   schedule = optax.linear_schedule(0.05, 0.5, transition_steps=3)
   kappa = 1e-3
-  clipped = tkfac_jax.tkfac(schedule, damping=1e-2, kl_clip=kappa, momentum=None)
-  unclipped = tkfac_jax.tkfac(schedule, damping=1e-2, kl_clip=None, momentum=None)
+  # The paper's mode, where the LayerNorm's update is outside the clip (the scale-invariant
+  # mode's clip is checked in test_scale_invariance.py).
+  clipped = tkfac_jax.tkfac(
+      schedule, damping=1e-2, kl_clip=kappa, momentum=None, scale_invariant=False
+  )
+  unclipped = tkfac_jax.tkfac(
+      schedule, damping=1e-2, kl_clip=None, momentum=None, scale_invariant=False
+  )
   params = _params()
   state = clipped.init(params)
   update, reference = jax.jit(clipped.update), jax.jit(unclipped.update)
@@ -208,7 +217,9 @@ def test_chain_with_clipping_and_weight_decay_forwards_stats():
   first, second, wd = 0.3, 0.05, 1e-2
   tx = optax.chain(
       optax.clip_by_global_norm(first),
-      tkfac_jax.scale_by_tkfac(1e-2, decay=DECAY, inverse_every=3),
+      tkfac_jax.scale_by_tkfac(
+          1e-2, decay=DECAY, stats_every=1, inverse_every=3, scale_invariant=False
+      ),
       optax.clip_by_global_norm(second),
       optax.add_decayed_weights(wd),
       optax.scale(-LR),
@@ -320,7 +331,7 @@ def test_layers_option_preconditions_only_the_named_layers():
   """layers=['Dense_0']: Dense_1 passes through; its statistics are accepted and ignored."""
   params = _params()
   grads, stats = _capture(params, 0)
-  tx = tkfac_jax.scale_by_tkfac(1e-2, layers=["Dense_0"])
+  tx = tkfac_jax.scale_by_tkfac(1e-2, layers=["Dense_0"], scale_invariant=False)
   state = tx.init(params)
   assert set(state.layers) == {"Dense_0"}
   updates, state = jax.jit(tx.update)(grads, state, params, stats=stats)
@@ -333,7 +344,9 @@ def test_layers_option_preconditions_only_the_named_layers():
 def _inverse_changes(params, with_stats, stagger=True):
   """For each layer, the steps at which its inverses changed, over len(with_stats) steps of a
   scale_by_tkfac with inverse_every=3."""
-  tx = tkfac_jax.scale_by_tkfac(1e-2, decay=DECAY, inverse_every=3, stagger=stagger)
+  tx = tkfac_jax.scale_by_tkfac(
+      1e-2, decay=DECAY, stats_every=1, inverse_every=3, stagger=stagger
+  )
   update = jax.jit(tx.update)
   state = tx.init(params)
   changed = {name: [] for name in DENSE}

@@ -475,13 +475,25 @@ def test_kfac_is_exact_on_deep_linear_network(linear):
 # --- Truth 4: the preconditioned update. ----------------------------------------------------------
 
 
-def _damped_factors(a, g, curvature, damping, pi_damping):
-  """``Phi_hat`` and ``Psi_hat`` from TKFAC.md's formulas, from the reference pairs."""
+def _scaled_factors(a, g, curvature):
+  """The undamped factors from TKFAC.md's formulas, from the reference pairs."""
   if curvature == "tkfac":
     phi, psi, delta = references.brute_tkfac(a, g)
-    phi, psi = phi / np.sqrt(delta), psi / np.sqrt(delta)
-  else:
-    phi, psi = references.brute_kfac(a, g)
+    return phi / np.sqrt(delta), psi / np.sqrt(delta)
+  return references.brute_kfac(a, g)
+
+
+def _mean_eigenvalue(phi, psi):
+  """``tr(Psi kron Phi) / (d_in d_out)``, the block's mean eigenvalue."""
+  return np.trace(phi) * np.trace(psi) / (len(phi) * len(psi))
+
+
+def _damped_factors(a, g, curvature, damping, pi_damping, relative=False):
+  """``Phi_hat`` and ``Psi_hat``; with ``relative``, ``lambda = damping`` times the block's mean
+  eigenvalue (the scale-invariant mode)."""
+  phi, psi = _scaled_factors(a, g, curvature)
+  if relative:
+    damping = damping * _mean_eigenvalue(phi, psi)
   pi = 1.0
   if pi_damping:
     pi = np.sqrt((np.trace(phi) / len(phi)) / (np.trace(psi) / len(psi)))
@@ -489,36 +501,57 @@ def _damped_factors(a, g, curvature, damping, pi_damping):
   return phi + pi * root * np.eye(len(phi)), psi + root / pi * np.eye(len(psi))
 
 
-@functools.partial(jax.jit, static_argnames=("curvature", "pi_damping"))
-def _first_update(grads, params, stats, damping, curvature, pi_damping):
+@functools.partial(jax.jit, static_argnames=("curvature", "pi_damping", "scale_invariant"))
+def _first_update(grads, params, stats, damping, curvature, pi_damping, scale_invariant=False):
   """``scale_by_tkfac``'s first update; ``damping`` is traced, so one compile serves all values."""
   tx = tkfac_jax.scale_by_tkfac(
-      damping=damping, curvature=curvature, pi_damping=pi_damping, inverse_every=10
+      damping=damping, curvature=curvature, pi_damping=pi_damping, inverse_every=10,
+      scale_invariant=scale_invariant,
   )
   updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
   return updates
 
 
+@pytest.mark.parametrize("scale_invariant", [False, True])
 @pytest.mark.parametrize("damping", [1e-1, 1e-3])
 @pytest.mark.parametrize("pi_damping", [False, True])
 @pytest.mark.parametrize("curvature", CURVATURES)
 @pytest.mark.parametrize("name", ["mlp", "shared"])
-def test_update_solves_damped_kronecker_system(name, curvature, pi_damping, damping):
-  """Truth 4: the first update is solve(kron(Psi_hat, Phi_hat), vec(G)), built explicitly."""
+def test_update_solves_damped_kronecker_system(name, curvature, pi_damping, damping,
+                                               scale_invariant):
+  """Truth 4: the first update is solve(kron(Psi_hat, Phi_hat), vec(G)), built explicitly.
+
+  Scale-invariant mode: each layer's damping is ``damping`` times its block's mean eigenvalue,
+  and the solve is multiplied by the square root of the mean eigenvalue over all blocks.
+  """
   case = _case(name)
   _, grads, stats = _captured(name, 7, curvature)
-  updates = _first_update(grads, case.params, stats, damping, curvature, pi_damping)
+  updates = _first_update(
+      grads, case.params, stats, damping, curvature, pi_damping, scale_invariant
+  )
   ref = _reference(name)
+  scale = 1.0
+  if scale_invariant:
+    blocks = [_scaled_factors(a, ref.g[layer], curvature) for layer, a in ref.a.items()]
+    traces = sum(np.trace(phi) * np.trace(psi) for phi, psi in blocks)
+    scale = np.sqrt(traces / sum(len(phi) * len(psi) for phi, psi in blocks))
   for layer, a in ref.a.items():
-    phi_hat, psi_hat = _damped_factors(a, ref.g[layer], curvature, damping, pi_damping)
+    phi_hat, psi_hat = _damped_factors(
+        a, ref.g[layer], curvature, damping, pi_damping, relative=scale_invariant
+    )
     grad = ref.grad[layer]
-    expected = _unvec(np.linalg.solve(np.kron(psi_hat, phi_hat), _vec(grad)), len(grad))
+    expected = scale * _unvec(np.linalg.solve(np.kron(psi_hat, phi_hat), _vec(grad)), len(grad))
     got = _augmented(updates[layer], "bias" in updates[layer], axis=0)
     assert _relative_error(got, expected) < RTOL, (layer, _relative_error(got, expected))
     # Sanity: the update is far from the raw gradient, and from the solve with a damped factor
     # off by 1%, so the check above can fail.
     assert _relative_error(grad, expected) > 1e-2, layer
     off = _unvec(np.linalg.solve(np.kron(psi_hat, 1.01 * phi_hat), _vec(grad)), len(grad))
-    assert _relative_error(off, expected) > 10 * RTOL, layer
-  for key in set(case.params) - set(ref.a):  # Parameters no dense layer owns pass unchanged.
-    np.testing.assert_array_equal(updates[key], grads[key])
+    assert _relative_error(scale * off, expected) > 10 * RTOL, layer
+  # Parameters no dense layer owns pass unchanged, or (scale-invariant) take the mean curvature.
+  for key in set(case.params) - set(ref.a):
+    if scale_invariant:
+      expected = jax.tree.map(lambda g: g / (scale * (1 + damping)), grads[key])
+      references.assert_trees_close(updates[key], expected, rtol=RTOL)
+    else:
+      np.testing.assert_array_equal(updates[key], grads[key])

@@ -19,6 +19,10 @@ from tkfac_jax import _statistics
 from tkfac_jax import _tree
 
 _MISSING = object()
+# The default damping: relative to each block's mean eigenvalue in the scale-invariant mode (from
+# benchmarks/defaults.py), absolute in the paper's mode.
+RELATIVE_DAMPING = 3.0
+ABSOLUTE_DAMPING = 1e-2
 
 
 class LayerState(NamedTuple):
@@ -238,6 +242,16 @@ def _refresh(
   return out
 
 
+def _mean_curvature(layer: LayerState, curvature: str) -> tuple[jax.Array, int]:
+  """The trace of a layer's Kronecker-factored Fisher block, and the block's size ``d_in d_out``.
+
+  TKFAC: ``tr(delta Psi kron Phi) = delta``; K-FAC: ``tr(A) tr(G)``.
+  """
+  phi, psi = _inverses.scaled_factors(layer.statistics, curvature)
+  trace_phi = jnp.sum(phi) if phi.ndim == 1 else jnp.trace(phi)
+  return trace_phi * jnp.trace(psi), phi.shape[0] * psi.shape[0]
+
+
 def find_states(opt_state: Any) -> list[ScaleByTKFACState]:
   """Every :class:`ScaleByTKFACState` inside an optimizer state (a chain, a wrapper, ...)."""
   is_state = lambda x: isinstance(x, ScaleByTKFACState)  # noqa: E731
@@ -275,13 +289,14 @@ def stats_due(opt_state: Any) -> jax.Array:
 
 
 def scale_by_tkfac(
-    damping: chex.Numeric = 1e-2,
+    damping: chex.Numeric | None = None,
     *,
     decay: chex.Numeric = 0.95,
-    stats_every: chex.Numeric = 1,
-    inverse_every: chex.Numeric = 10,
+    stats_every: chex.Numeric = 10,
+    inverse_every: chex.Numeric = 100,
     curvature: _statistics.Curvature = "tkfac",
-    pi_damping: bool = False,
+    scale_invariant: bool = True,
+    pi_damping: bool | None = None,
     conv_damping_floor: chex.Numeric | None = None,
     inverse_method: _inverses.InverseMethod = "newton_schulz",
     stagger: bool = True,
@@ -310,8 +325,36 @@ def scale_by_tkfac(
   statistics arrive.
 
   Every other parameter (norm scales and biases, layers that cannot be captured, and layers that
-  have not yet received statistics) takes the ``fallback`` transformation's update instead: the
-  plain gradient by default.
+  have not yet received statistics) takes the ``fallback`` transformation's update instead.
+
+  **Scale invariance** (``scale_invariant=True``, the default). The empirical Fisher scales as
+  ``c^2`` when the loss is multiplied by ``c`` (a loss summed over pixels, tokens or the batch
+  instead of averaged) while the gradient scales as ``c``, so with a fixed damping the update
+  above changes with the loss's scale: nearly a plain gradient step where ``lambda`` dominates the
+  curvature, nearly a natural-gradient step of size ``1/c`` where it does not. This mode removes
+  ``c`` everywhere:
+
+  * each layer's damping is relative to its block: ``lambda_l = damping * m_l``, where
+    ``m_l = tr(F_l) / (d_in d_out)`` is the block's mean eigenvalue (``delta_l / (d_in d_out)`` for
+    TKFAC; the paper's convolution damping is this with ``damping=1``), split over the factors
+    with Martens & Grosse's ``pi``, so each factor is damped by ``sqrt(damping)`` times its own
+    mean eigenvalue;
+  * the update is ``sqrt(m) U``, where ``m`` is the mean eigenvalue over every preconditioned
+    block (one scalar for the network, so the natural gradient's proportions between layers
+    stay);
+  * the parameters without a block take ``sqrt(m) G / (m (1 + damping))``: the same mean curvature,
+    as an isotropic block (with the default ``fallback``; a user's fallback is used as given);
+  * ``kl_clip`` bounds the step per parameter:
+    ``lr^2 (sum_l <U_l, G_l> + <G, G> / (m (1 + damping))) / n <= kl_clip``, the sums over every
+    parameter (``n`` of them). That is the squared length of the step in the Fisher metric
+    rescaled to mean eigenvalue 1, per parameter: where the curvature is isotropic, the step's
+    root mean square is at most ``sqrt(kl_clip)`` (``1e-6``: ``1e-3``, Adam's usual step). It does
+    not change with ``c`` or with the network's size.
+
+  The update is then the same for a mean and a summed loss. ``scale_invariant=False`` is the
+  paper's maths as written above: ``damping`` absolute, ``U`` as is, the fallback's update as is
+  and outside the clip, and ``kl_clip`` the predicted KL divergence of the preconditioned blocks'
+  step.
 
   The update takes the keyword-only extra argument ``stats``: the statistics of this step, or
   ``None`` to take a step with the curvature already in the state. Omitting it raises, so that
@@ -327,14 +370,19 @@ def scale_by_tkfac(
   computed on a step where they are not due are ignored.
 
   Args:
-    damping: ``lambda``, the Tikhonov damping, split as ``sqrt(lambda)`` over the two factors.
+    damping: the Tikhonov damping: relative to each block's mean eigenvalue when
+      ``scale_invariant`` (the default), else ``lambda`` itself, split as ``sqrt(lambda)`` over
+      the two factors. ``None``: ``3.0`` when ``scale_invariant``, else ``1e-2``.
     decay: ``eps`` of the moving averages ``X <- eps X + (1 - eps) X_batch``; the first batch
       initialises them.
     stats_every: fold in statistics every this many updates.
     inverse_every: recompute the damped inverses every this many steps.
     curvature: ``"tkfac"`` (trace-restricted factors) or ``"kfac"`` (K-FAC's ``A`` and ``G``, for
       ablations). Statistics must be captured with the same ``curvature``.
-    pi_damping: split the damping with Martens & Grosse's ``pi`` instead of evenly.
+    scale_invariant: make the damping relative to the curvature and the update independent of the
+      loss's scale (see above). ``False``: absolute damping, as in the paper.
+    pi_damping: split the damping with Martens & Grosse's ``pi`` instead of evenly; ``None``
+      (default): with ``pi`` when ``scale_invariant``, evenly (the paper's split) otherwise.
     conv_damping_floor: ``nu`` of TKFAC's damping for convolutions. If set, every layer whose kernel
       has more than two axes (a convolution; also a DenseGeneral that contracts several input
       axes, since the optimizer sees only the parameters) takes its own damping
@@ -351,7 +399,9 @@ def scale_by_tkfac(
       ``optax.inject_hyperparams``, name ``inverse_every`` in its ``static_args`` to keep this.
     kl_clip: if set, ``kappa`` of KL clipping: every preconditioned block is scaled by
       ``nu = min(1, sqrt(kappa / (lr^2 sum_l <U_l, G_l>)))``, which bounds the step's predicted KL
-      divergence ``nu^2 lr^2 sum_l <U_l, G_l>`` by ``kappa``. Needs ``learning_rate``.
+      divergence ``nu^2 lr^2 sum_l <U_l, G_l>`` by ``kappa``; when ``scale_invariant``, the bound
+      is per parameter and covers the default fallback's parameters too (see above). Needs
+      ``learning_rate``.
     learning_rate: the learning rate (or schedule) applied later in the chain; used only by
       ``kl_clip``.
     fallback: the transformation for the parameters that are not preconditioned, for example
@@ -391,6 +441,8 @@ def scale_by_tkfac(
     raise ValueError(
         f"inverse_method must be one of {_inverses.INVERSE_METHODS}, got {inverse_method!r}."
     )
+  if damping is None:
+    damping = RELATIVE_DAMPING if scale_invariant else ABSOLUTE_DAMPING
   _check_concrete("damping", damping, lambda v: v >= 0, "non-negative")
   _check_concrete("decay", decay, lambda v: 0 <= v < 1, "in [0, 1)")
   _check_concrete(
@@ -414,6 +466,10 @@ def scale_by_tkfac(
     )
   selected = None if layers is None else {tuple(p.split("/")): p for p in layers}
   dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
+  split_by_pi = scale_invariant if pi_damping is None else pi_damping
+  # Scale-invariant mode preconditions the parameters without a block by the mean curvature, which
+  # it can do only for the default fallback (the plain gradient); a user's fallback is left as is.
+  curvature_fallback = scale_invariant and fallback is None
   fallback = optax.with_extra_args_support(optax.identity() if fallback is None else fallback)
 
   def find_layers(params) -> dict[_tree.Path, dict[str, Any]]:
@@ -535,11 +591,16 @@ def scale_by_tkfac(
     return {path: flat[path] for path in layer_states if path in flat}
 
   def layer_damping(layer: LayerState, block: dict[str, Any]):
-    """``damping``, or TKFAC's trace-proportional damping for a convolution."""
-    if conv_damping_floor is None or not _is_conv(block):
+    """The layer's ``lambda``: TKFAC's trace-proportional damping for a convolution (with
+    ``conv_damping_floor``), else ``damping`` times the block's mean eigenvalue (scale-invariant)
+    or ``damping`` itself."""
+    if conv_damping_floor is not None and _is_conv(block):
+      d_in, d_out = layer.statistics.phi.shape[0], layer.statistics.psi.shape[0]
+      return jnp.maximum(layer.statistics.delta, conv_damping_floor) / (d_in * d_out)
+    if not scale_invariant:
       return damping
-    d_in, d_out = layer.statistics.phi.shape[0], layer.statistics.psi.shape[0]
-    return jnp.maximum(layer.statistics.delta, conv_damping_floor) / (d_in * d_out)
+    trace, size = _mean_curvature(layer, curvature)
+    return damping * trace / size
 
   def update_fn(updates, state, params=None, *, stats=_MISSING):
     if stats is _MISSING:
@@ -579,7 +640,7 @@ def scale_by_tkfac(
         _refresh,
         dampings=dampings,
         curvature=curvature,
-        pi_damping=pi_damping,
+        pi_damping=split_by_pi,
         inverse_method=inverse_method,
         inverse_axis=inverse_axis,
         mesh=mesh,
@@ -600,19 +661,74 @@ def scale_by_tkfac(
         for path, layer in layer_states.items()
     }
     active = {path: layer.count > 0 for path, layer in layer_states.items()}
-    kl_scale = jnp.ones((), jnp.float32)
-    if kl_clip is not None:
-      lr = learning_rate(step) if callable(learning_rate) else learning_rate
-      vg = lr**2 * sum(
-          jnp.where(active[p], jnp.sum(u * grad_blocks[p]), 0.0) for p, u in preconditioned.items()
-      )
-      ok = vg > 0
-      kl_scale = jnp.where(ok, jnp.minimum(1.0, jnp.sqrt(kl_clip / jnp.where(ok, vg, 1.0))), 1.0)
-      preconditioned = {p: u * kl_scale for p, u in preconditioned.items()}
 
     # Everything starts as the fallback's update; preconditioned layers then replace theirs.
     fallback_updates, fallback_state = fallback.update(updates, state.fallback, params)
     flat_updates = _tree.flatten_with_paths(fallback_updates)
+    # Which leaves take the fallback's update: all but those of layers with curvature.
+    owner = {path + (name,): path for path, block in grads.items() for name in block}
+    takes_fallback = {
+        key: ~active[owner[key]] if key in owner else jnp.ones((), bool) for key in flat_updates
+    }
+
+    step_scale = jnp.ones((), jnp.float32)
+    if scale_invariant:
+      # m, the mean eigenvalue of the preconditioned layers' blocks: the update (F + lambda)^-1 G
+      # scales as 1/c when the loss is multiplied by c, sqrt(m) U does not.
+      traces = [_mean_curvature(layer_states[p], curvature) for p in layer_states]
+      total = sum(jnp.where(active[p], t, 0.0) for p, (t, _) in zip(layer_states, traces))
+      size = sum(jnp.where(active[p], n, 0) for p, (_, n) in zip(layer_states, traces))
+      mean = (total / jnp.maximum(size, 1)).astype(jnp.float32)
+      has_curvature = mean > 0
+      mean = jnp.where(has_curvature, mean, 1.0)
+      step_scale = jnp.where(has_curvature, jnp.sqrt(mean), 1.0)
+      if curvature_fallback:
+        # The parameters without a block get the same curvature, m (1 + damping) I.
+        inv = jnp.where(has_curvature, 1.0 / (mean * (1.0 + damping)), 1.0)
+        flat_updates = {
+            key: jnp.where(takes_fallback[key], u * inv, u).astype(u.dtype)
+            for key, u in flat_updates.items()
+        }
+
+    kl_scale = jnp.ones((), jnp.float32)
+    if kl_clip is not None and scale_invariant:
+      # How many parameters the clip's sum runs over: all of them with the default fallback,
+      # else those of the layers with curvature.
+      if curvature_fallback:
+        bound_size = jnp.asarray(sum(u.size for u in flat_updates.values()), jnp.float32)
+      else:
+        bound_size = sum(
+            jnp.where(active[owner[key]], float(u.size), 0.0)
+            for key, u in flat_updates.items() if key in owner
+        )
+    if kl_clip is not None:
+      lr = learning_rate(step) if callable(learning_rate) else learning_rate
+      vg = sum(
+          jnp.where(active[p], jnp.sum(u * grad_blocks[p]), 0.0) for p, u in preconditioned.items()
+      )
+      if curvature_fallback:  # The fallback's parameters are inside the bound too.
+        flat_grads = _tree.flatten_with_paths(updates)
+        vg = vg + sum(
+            jnp.where(
+                takes_fallback[key],
+                jnp.sum(u.astype(jnp.float32) * flat_grads[key].astype(jnp.float32)),
+                0.0,
+            )
+            for key, u in flat_updates.items()
+        )
+      if scale_invariant:
+        # Per parameter: the bound is then the same for a small and a large network.
+        vg = vg / jnp.maximum(bound_size, 1)
+      vg = lr**2 * vg
+      ok = vg > 0
+      kl_scale = jnp.where(ok, jnp.minimum(1.0, jnp.sqrt(kl_clip / jnp.where(ok, vg, 1.0))), 1.0)
+    preconditioned = {p: u * (kl_scale * step_scale) for p, u in preconditioned.items()}
+    if curvature_fallback:
+      flat_updates = {
+          key: jnp.where(takes_fallback[key], u * (kl_scale * step_scale), u).astype(u.dtype)
+          for key, u in flat_updates.items()
+      }
+
     for path, u in preconditioned.items():
       for name, value in _split(u, grads[path]).items():
         key = path + (name,)

@@ -1,0 +1,124 @@
+"""The default step does not depend on the loss's scale, and the KL clip bounds every parameter.
+
+Multiplying the loss by ``c`` multiplies the gradient by ``c`` and the empirical Fisher by ``c^2``.
+In scale-invariant mode (the default) the damping is relative to each block's mean eigenvalue and
+the update is multiplied by the square root of the network's mean eigenvalue, so the updates of a
+mean loss and of the same loss times 784 (a sum over pixels) are the same; the parameters without
+a Kronecker block (here a LayerNorm's) are preconditioned by that mean curvature and are inside
+the KL clip.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import references
+import tkfac_jax
+
+LR, DAMPING, KL_CLIP = 0.1, 0.1, 1e-3
+
+
+class Net(nn.Module):
+  """A convolution, a LayerNorm (no Kronecker block) and a dense head."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3))(x))
+    x = nn.LayerNorm()(x.reshape(x.shape[0], -1))
+    return nn.Dense(3)(x)
+
+
+MODEL = Net()
+PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))["params"]
+
+
+def _batch(seed):
+  rng = np.random.default_rng(seed)
+  return rng.standard_normal((8, 5, 5, 2)).astype(np.float32), rng.integers(0, 3, 8)
+
+
+def _loss(scale):
+  def loss(params, x, y):
+    logits = MODEL.apply({"params": params}, x)
+    return scale * optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return loss
+
+
+def _train(scale, steps=3, **options):
+  """The parameters after ``steps`` updates of ``tkfac`` on the loss times ``scale``."""
+  tx = tkfac_jax.tkfac(LR, DAMPING, kl_clip=KL_CLIP, inverse_every=2, **options)
+
+  @jax.jit
+  def step(params, state, x, y):
+    _, grads, stats = tkfac_jax.value_grad_and_stats(_loss(scale))(params, x, y)
+    updates, state = tx.update(grads, state, params, stats=stats)
+    return optax.apply_updates(params, updates), state
+
+  params, state = PARAMS, tx.init(PARAMS)
+  for i in range(steps):
+    params, state = step(params, state, *_batch(i))
+  return params
+
+
+def _displacement(params):
+  return jax.tree.map(lambda p, p0: p - p0, params, PARAMS)
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize("scale", [784.0, 1e-3])
+def test_training_does_not_depend_on_the_loss_scale(scale):
+  """A mean loss and the same loss times ``scale`` train alike, conv, dense and LayerNorm."""
+  mean = _displacement(_train(1.0))
+  scaled = _displacement(_train(scale))
+  references.assert_trees_close(scaled, mean, rtol=references.TRAJECTORY)
+  # Sanity: the paper's absolute damping does depend on it, so the check above can fail.
+  paper = _displacement(_train(scale, scale_invariant=False))
+  assert references.max_error(_flat(paper), _flat(mean)) > 1e-2
+
+
+def test_kl_clip_bounds_every_parameter():
+  """With the clip binding, ``lr^2 nu sum_all <u, G> / (s n) = kl_clip``, over all ``n``
+  parameters.
+
+  The update is ``u = nu s U`` for the layers and ``u = nu s G / (m (1 + damping))`` for the
+  LayerNorm, ``s = sqrt(m)`` with ``m`` the blocks' mean eigenvalue, computed here from the
+  statistics: the clip's sum ``sum <U, G> + <G, G> / (m (1 + damping))`` is ``sum_all <u, G> /
+  (nu s)``. Leaving the LayerNorm out of the clip would make the left side larger.
+  """
+  x, y = _batch(0)
+  _, grads, stats = tkfac_jax.value_grad_and_stats(_loss(1.0))(PARAMS, x, y)
+  tx = tkfac_jax.scale_by_tkfac(DAMPING, kl_clip=1e-10, learning_rate=LR)
+  updates, state = tx.update(grads, tx.init(PARAMS), PARAMS, stats=stats)
+  nu = float(state.kl_scale)
+  assert nu < 0.5  # The clip binds.
+  deltas = {name: float(stats.layers[name].delta) for name in ("Conv_0", "Dense_0")}
+  sizes = {"Conv_0": (3 * 3 * 2 + 1) * 4, "Dense_0": (5 * 5 * 4 + 1) * 3}
+  s = np.sqrt(sum(deltas.values()) / sum(sizes.values()))
+  inner = sum(
+      float(jnp.vdot(u, g)) for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads))
+  )
+  n = sum(x.size for x in jax.tree.leaves(PARAMS))
+  predicted = LR**2 * nu * inner / (s * n)
+  references.assert_close(predicted, 1e-10, rtol=references.REFERENCE)
+  # The LayerNorm's update is the gradient over the mean curvature, damped.
+  for name in ("scale", "bias"):
+    expected = nu * grads["LayerNorm_0"][name] / (s * (1 + DAMPING))
+    references.assert_close(updates["LayerNorm_0"][name], expected, rtol=references.REFERENCE)
+
+
+def test_a_users_fallback_is_used_as_given():
+  """With ``fallback=`` the parameters without a block take exactly the fallback's update."""
+  x, y = _batch(0)
+  _, grads, stats = tkfac_jax.value_grad_and_stats(_loss(1.0))(PARAMS, x, y)
+  tx = tkfac_jax.scale_by_tkfac(DAMPING, fallback=optax.scale_by_adam())
+  updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS, stats=stats)
+  adam = optax.scale_by_adam()
+  expected, _ = adam.update(grads, adam.init(PARAMS), PARAMS)
+  references.assert_trees_equal(updates["LayerNorm_0"], expected["LayerNorm_0"])
