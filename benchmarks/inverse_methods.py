@@ -163,7 +163,7 @@ def warm_start_residuals(steps: int, batch_size: int, inverse_every: int = 10) -
   def loss_fn(p, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
 
-  tx = tkfac_jax.tkfac(0.01, damping, inverse_every=inverse_every, stagger=False)
+  tx = tkfac_jax.tkfac(0.01, damping, stats_every=1, inverse_every=inverse_every, stagger=False)
   opt_state = tx.init(params)
 
   @jax.jit

@@ -93,9 +93,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
   # A huge inverse_every refreshes at step 0 only; inverse_every=1 refreshes every step.
   optimizers = {
-      "no_refresh": tkfac_jax.tkfac(1e-3, 1e-2, inverse_every=2**30),
-      "replicated": tkfac_jax.tkfac(1e-3, 1e-2, inverse_every=1),
-      "spread": tkfac_jax.tkfac(1e-3, 1e-2, inverse_every=1, inverse_axis="data", mesh=mesh),
+      "no_refresh": tkfac_jax.tkfac(1e-3, 1e-2, stats_every=1, inverse_every=2**30),
+      "replicated": tkfac_jax.tkfac(1e-3, 1e-2, stats_every=1, inverse_every=1),
+      "spread": tkfac_jax.tkfac(1e-3, 1e-2, stats_every=1, inverse_every=1,
+                                inverse_axis="data", mesh=mesh),
   }
   states, steps = {}, {}
   for name, tx in optimizers.items():

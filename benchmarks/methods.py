@@ -31,9 +31,8 @@ from benchmarks import tasks
 OPTIMIZERS = ("tkfac", "kfac", "kfac_jax", "adam", "sgd")
 SECOND_ORDER = ("tkfac", "kfac", "kfac_jax")
 MOMENTUM = 0.9
-INVERSE_EVERY = 10
+INVERSE_EVERY = 10  # kfac-jax's inverse period (TKFAC's cadence is in its hparams).
 DECAY = 0.95
-KL_CLIP = 1e-4  # tkfac_jax.tkfac's default; a task's grid may search it as well.
 # kfac-jax 0.0.8, its latest release, fails inside its graph matcher on jax >= 0.9.2 (ValueError:
 # too many values to unpack); the [bench] extra pins jax 0.9.1 for it.
 KFAC_JAX_MAX_JAX = (0, 9, 1)
@@ -235,13 +234,11 @@ def create(name: str, task: tasks.Task, hparams: dict[str, Any],
     # The paper's convolution damping has an absolute floor; the scale-invariant damping is
     # already relative to each block, so it takes no floor unless one is asked for.
     floor = hparams.get("conv_damping_floor", None if scale_invariant else task.conv_damping_floor)
-    tx = tkfac_jax.tkfac(
-        lr, hparams["damping"], conv_damping_floor=floor, momentum=MOMENTUM,
-        decay=DECAY, stats_every=hparams.get("stats_every", 1),
-        inverse_every=hparams.get("inverse_every", INVERSE_EVERY), curvature=name,
-        kl_clip=hparams.get("kl_clip", KL_CLIP),
-        scale_invariant=scale_invariant,
-    )
+    # Settings the hparams leave out take tkfac_jax.tkfac's defaults.
+    given = {k: hparams[k] for k in ("damping", "kl_clip", "stats_every", "inverse_every")
+             if k in hparams}
+    tx = tkfac_jax.tkfac(lr, conv_damping_floor=floor, momentum=MOMENTUM, decay=DECAY,
+                         curvature=name, scale_invariant=scale_invariant, **given)
     return OptaxRunner(task, tx, name, dropout_key)
   if name == "kfac_jax":
     return KfacJaxRunner(task, lr, hparams["damping"], dropout_key)

@@ -154,10 +154,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
   # inverse_every=1 refreshes every step; a huge inverse_every never refreshes after step 0.
   huge = 2**30
-  never = tkfac_jax.tkfac(0.01, 1e-2, inverse_every=huge)
+  never = tkfac_jax.tkfac(0.01, 1e-2, stats_every=1, inverse_every=huge)
   # A refresh at every step by Cholesky: a full inversion each time (Newton-Schulz from the
   # previous step's inverse would be cheaper than at a real cadence, as the factors barely move).
-  always = tkfac_jax.tkfac(0.01, 1e-2, inverse_every=1, inverse_method="cholesky")
+  always = tkfac_jax.tkfac(0.01, 1e-2, stats_every=1, inverse_every=1,
+                           inverse_method="cholesky")
   # Gated: statistics due on every step, or (after step 0) never.
   gated_due = tkfac_jax.tkfac(0.01, 1e-2, stats_every=1, inverse_every=huge)
   gated_off = tkfac_jax.tkfac(0.01, 1e-2, stats_every=huge, inverse_every=huge)

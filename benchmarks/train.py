@@ -41,10 +41,11 @@ NOTES = (
     "memory: XLA's compiled memory analysis of one training step (arguments + outputs + "
     "temporaries - aliased), not the process's. Time to target: training seconds at the first "
     "evaluation that meets the target. Momentum 0.9 for TKFAC, K-FAC, kfac-jax and SGD; TKFAC and "
-    "K-FAC (this library, empirical Fisher, KL clipping as tuned, 1e-4 by default) and kfac-jax "
-    "(its default "
-    "GGN estimator, fixed learning rate and damping, no adaptive rules) all average their "
-    "curvature with decay 0.95 and refresh inverses every 10 steps. Every optimizer sees the same "
+    "K-FAC (this library, empirical Fisher, scale-invariant, its defaults unless tuned: statistics "
+    "every 10 steps, inverses every 100, relative damping 10, KL clip 1e-6 per parameter) and "
+    "kfac-jax (its default GGN estimator, fixed learning rate and damping, no adaptive rules, "
+    "curvature every step, inverses every 10 steps) all average their curvature with decay 0.95. "
+    "Every optimizer sees the same "
     "batches; the Optax ones also the same dropout masks (kfac-jax splits the step's key itself)."
 )
 
@@ -201,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "settings": {
           "momentum": methods.MOMENTUM,
           "curvature_decay": methods.DECAY,
-          "inverse_every": methods.INVERSE_EVERY,
+          "kfac_jax_inverse_every": methods.INVERSE_EVERY,
           "train_eval_examples": tasks.TRAIN_EVAL_EXAMPLES,
           "validation_examples": compare.VALIDATION_EXAMPLES[dataset.name],
       },
