@@ -181,8 +181,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {row['candidate']} | failed: {row['error']} | | | | | |")
         continue
       reached = row["seconds_to_target"]
+      when = f"{reached:.2f} s" if reached is not None else "not reached"
       lines.append(
-          f"| {row['candidate']} | {_fmt(reached, '.2f') + ' s' if reached is not None else 'not reached'} "
+          f"| {row['candidate']} | {when} "
           f"| {_fmt(row['time_ratio'], '.2f')} | {row['best']:.4g} | "
           f"{row['mean_step_ratio']:.2f} | {row['max_over_median']:.1f} | {row['steps']} |")
     lines.append("")

@@ -185,3 +185,12 @@ def test_a_loss_summed_over_positions_trains_with_the_defaults():
       0.3, 1e-2, kl_clip=1e-4, stats_every=1, inverse_every=10, scale_invariant=False))
   # Sanity: the paper's step on the summed loss does much worse, so the check above can fail.
   assert not np.mean(paper[-5:]) < 0.5 * np.mean(paper[:5]), paper
+
+
+def test_scale_invariant_must_be_a_bool():
+  """A string or None (which would read as true or false) is refused, naming the argument."""
+  for bad in ("yes", None, 1):
+    with pytest.raises(TypeError, match="scale_invariant"):
+      tkfac_jax.scale_by_tkfac(scale_invariant=bad)
+    with pytest.raises(TypeError, match="scale_invariant"):
+      tkfac_jax.tkfac(0.1, scale_invariant=bad)

@@ -392,7 +392,9 @@ def scale_by_tkfac(
       axes, since the optimizer sees only the parameters) takes its own damping
       ``lambda_l = max(delta_l, nu) / (d_in d_out)``, proportional to its Fisher block's mean
       diagonal entry, instead of ``damping`` (which 2-D kernels keep). ``None``: one damping for
-      all layers.
+      all layers. The floor ``nu`` is absolute, so with ``scale_invariant`` it makes those layers'
+      damping depend on the loss's scale again; the scale-invariant damping is already relative
+      to each block and needs no floor.
     inverse_method: ``"newton_schulz"`` (default): matrix products from the inverse in use,
       checked by their residual, with a Cholesky inverse only where they do not converge (a
       layer's first refresh, a factor that moved far); ``"cholesky"``: a Cholesky inverse at every
@@ -445,6 +447,8 @@ def scale_by_tkfac(
     raise ValueError(
         f"inverse_method must be one of {_inverses.INVERSE_METHODS}, got {inverse_method!r}."
     )
+  if not isinstance(scale_invariant, bool):
+    raise TypeError(f"scale_invariant must be True or False, got {scale_invariant!r}.")
   if damping is None:
     damping = RELATIVE_DAMPING if scale_invariant else ABSOLUTE_DAMPING
   _check_concrete("damping", damping, lambda v: v >= 0, "non-negative")
