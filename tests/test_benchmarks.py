@@ -7,6 +7,8 @@ import pytest
 
 from benchmarks import methods, step_cost, train
 
+pytestmark = pytest.mark.slow  # Benchmark smoke tests (see .ci/run).
+
 # A fraction of a second or three steps per run, two evaluations: the code path, not the figures.
 TINY = ["--seconds", "0.3", "--steps", "3", "--evaluations", "2", "--no-progress"]
 KFAC_JAX_MISSING = methods.kfac_jax_unavailable()

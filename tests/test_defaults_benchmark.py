@@ -4,8 +4,12 @@ and the defaults it names are the library's."""
 import inspect
 import json
 
+import pytest
+
 from benchmarks import defaults
 import tkfac_jax
+
+pytestmark = pytest.mark.slow  # Benchmark smoke tests (see .ci/run).
 
 
 def test_library_defaults_are_the_ones_the_sweep_names():

@@ -98,6 +98,25 @@ def cholesky_inverse(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
   return inverse, jnp.all(jnp.isfinite(inverse))
 
 
+def newton_schulz_start_scale(matrix: jax.Array, previous: jax.Array) -> jax.Array:
+  """What to multiply the previous inverse ``P`` by to start Newton-Schulz on ``matrix``.
+
+  1 when a few power steps (matrix-vector products, no matrix product) put the largest
+  eigenvalue ``mu`` of ``A P`` below 1.5, else ``1 / mu``: the iteration converges when every
+  eigenvalue of ``A X`` lies in ``(0, 2)``.
+  """
+  n = matrix.shape[0]
+  mv = functools.partial(jnp.matmul, precision=_PRECISION)
+
+  def power(_, v):
+    w = mv(matrix, mv(previous, v))
+    return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(w.dtype).tiny)
+
+  v = jax.lax.fori_loop(0, _POWER_STEPS, power, jnp.full((n,), n**-0.5, matrix.dtype))
+  mu = jnp.linalg.norm(mv(matrix, mv(previous, v)))
+  return jnp.where(mu <= 1.5, 1.0, 1.0 / mu).astype(matrix.dtype)
+
+
 def newton_schulz_inverse(
     matrix: jax.Array, previous: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -119,19 +138,13 @@ def newton_schulz_inverse(
   eye = jnp.eye(n, dtype=matrix.dtype)
   mm = functools.partial(jnp.matmul, precision=_PRECISION)
 
-  def power(_, v):
-    w = mm(matrix, mm(previous, v))
-    return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(w.dtype).tiny)
-
   def residual(x):
     return eye - mm(matrix, x)
 
   # A factor that has not moved (within the tolerance) keeps its inverse exactly.
   moved = residual(previous)
   kept = jnp.linalg.norm(moved) <= NEWTON_SCHULZ_TOLERANCE
-  v = jax.lax.fori_loop(0, _POWER_STEPS, power, jnp.full((n,), n**-0.5, matrix.dtype))
-  mu = jnp.linalg.norm(mm(matrix, mm(previous, v)))
-  scale = jnp.where(kept | (mu <= 1.5), 1.0, 1.0 / mu)
+  scale = jnp.where(kept, 1.0, newton_schulz_start_scale(matrix, previous))
   # I - A (P / mu), from I - A P without another product.
   start = (previous * scale, eye - (eye - moved) * scale)
 

@@ -14,6 +14,7 @@ import optax
 
 from tkfac_jax import _capture
 from tkfac_jax import _inverses
+from tkfac_jax import _schedule
 from tkfac_jax import _spread
 from tkfac_jax import _statistics
 from tkfac_jax import _tree
@@ -35,12 +36,15 @@ class LayerState(NamedTuple):
     inverses: the damped inverses ``Phi_hat^-1`` and ``Psi_hat^-1`` in use (identity until the
       layer's first statistics arrive).
     damping: the ``lambda`` those inverses were computed with (0 until then).
+    work: the refresh in progress, for a layer whose Newton-Schulz refresh is spread over the
+      steps of the period (:mod:`tkfac_jax._schedule`); else ``None``.
   """
 
   statistics: _statistics.LayerStatistics
   count: jax.Array
   inverses: _inverses.DampedInverses
   damping: jax.Array
+  work: Any = None
 
 
 class ScaleByTKFACState(NamedTuple):
@@ -182,6 +186,14 @@ def _cost(layer: LayerState) -> float:
       float(x.shape[0]) ** (3 if x.ndim == 2 else 1)
       for x in (layer.statistics.phi, layer.statistics.psi)
   )
+
+
+def _static_period(inverse_every) -> int | None:
+  """``inverse_every`` as an int, or ``None`` where it is an array (``optax.inject_hyperparams``
+  makes every numeric argument one unless it is named in its ``static_args``)."""
+  if isinstance(inverse_every, (jax.Array, jax.core.Tracer)):
+    return None
+  return int(inverse_every)
 
 
 def _refresh_groups(layer_states: dict, inverse_every) -> list[list[_tree.Path]]:
@@ -399,9 +411,15 @@ def scale_by_tkfac(
       checked by their residual, with a Cholesky inverse only where they do not converge (a
       layer's first refresh, a factor that moved far); ``"cholesky"``: a Cholesky inverse at every
       refresh. See :func:`tkfac_jax._inverses.inverse` for the measurements behind the default.
-    stagger: split the layers into groups of balanced inversion cost (at most ``inverse_every``)
-      and refresh each group on its own step of the period, so that no step inverts every
-      layer's factors. ``False``: all layers on the same step. Under
+    stagger: spread the refreshes over the steps of the ``inverse_every`` period so that no step
+      pays for them all. With ``"newton_schulz"``, a layer whose refresh costs more than a
+      step's share is refreshed a block of rows of one matrix product per step, and the
+      layers' blocks are balanced over the period (:mod:`tkfac_jax._schedule`): the inverses in
+      use change on the refresh's last step, to the inverses of the factors as they were on its
+      first. Such a layer holds three more arrays of each factor's size in the state (the
+      factor being inverted, the iterate and their product). With ``"cholesky"`` or an
+      ``inverse_axis``, the layers are split into groups of balanced cost, each refreshed on its
+      own step. ``False``: every layer's refresh on the first step of the period. Under
       ``optax.inject_hyperparams``, name ``inverse_every`` in its ``static_args`` to keep this.
     kl_clip: if set, ``kappa`` of KL clipping: every preconditioned block is scaled by
       ``nu = min(1, sqrt(kappa / (lr^2 sum_l <U_l, G_l>)))``, which bounds the step's predicted KL
@@ -497,11 +515,21 @@ def scale_by_tkfac(
       )
     return {path: found[path] for path in selected}
 
+  def refresh_plans(shapes: dict) -> dict[_tree.Path, _schedule.LayerPlan] | None:
+    """Where each layer's refresh runs in the period, when the Newton-Schulz refreshes are spread
+    over its steps (``stagger``, a static ``inverse_every``, no ``inverse_axis``); else ``None``."""
+    period = _static_period(inverse_every)
+    if not (stagger and inverse_method == "newton_schulz" and inverse_axis is None and period):
+      return None
+    return _schedule.plan(shapes, period) if shapes else None
+
   def init_fn(params):
     layer_states = {}
-    for path, node in find_layers(params).items():
-      phi_shape, psi_shape = _block_shape(node)
+    shapes = {path: _block_shape(node) for path, node in find_layers(params).items()}
+    plans = refresh_plans(shapes) or {}
+    for path, (phi_shape, psi_shape) in shapes.items():
       eye_phi = jnp.ones(phi_shape, dtype) if len(phi_shape) == 1 else jnp.eye(*phi_shape, dtype=dtype)
+      chunked = path in plans and plans[path].chunked
       layer_states[path] = LayerState(
           statistics=_statistics.LayerStatistics(
               phi=jnp.zeros(phi_shape, dtype),
@@ -511,6 +539,7 @@ def scale_by_tkfac(
           count=jnp.zeros((), jnp.int32),
           inverses=_inverses.DampedInverses(phi=eye_phi, psi=jnp.eye(*psi_shape, dtype=dtype)),
           damping=jnp.zeros((), dtype),
+          work=_schedule.empty_work(phi_shape, psi_shape, dtype) if chunked else None,
       )
     return ScaleByTKFACState(
         count=jnp.zeros((), jnp.int32),
@@ -653,15 +682,37 @@ def scale_by_tkfac(
         inverse_axis=inverse_axis,
         mesh=mesh,
     )
-    groups = _refresh_groups(layer_states, inverse_every if stagger else 1)
-    spacing = jnp.maximum(inverse_every // len(groups), 1)
-    for group, paths in enumerate(groups):
-      # Group g refreshes at steps g * spacing (mod inverse_every), so no step refreshes all.
-      due = (step - group * spacing) % inverse_every == 0
-      for path in paths:  # A layer's first statistics refresh its group at once.
-        due = due | first_seen[path]
-      part = jax.lax.cond(due, refresh, dict, {p: layer_states[p] for p in paths})
-      layer_states.update(part)
+    plans = refresh_plans(
+        {p: (layer.statistics.phi.shape, layer.statistics.psi.shape)
+         for p, layer in layer_states.items()}
+    )
+    if plans is not None:
+      slot = step % inverse_every
+      for path, layer_plan in plans.items():
+        layer = layer_states[path]
+        one = lambda layer, path=path: refresh({path: layer})[path]  # noqa: E731
+        if layer_plan.chunked:
+          # A layer's first statistics are inverted at once (by Cholesky: there is no previous
+          # inverse to iterate from); then its refresh runs a block per step.
+          layer = jax.lax.cond(first_seen[path], one, lambda x: x, layer)
+          layer = _schedule.step_units(
+              layer, slot, layer_plan, dampings[path], curvature=curvature,
+              pi_damping=split_by_pi,
+          )
+        else:
+          due = (slot == _schedule.whole_slot(layer_plan)) | first_seen[path]
+          layer = jax.lax.cond(due, one, lambda x: x, layer)
+        layer_states[path] = layer
+    else:
+      groups = _refresh_groups(layer_states, inverse_every if stagger else 1)
+      spacing = jnp.maximum(inverse_every // len(groups), 1)
+      for group, paths in enumerate(groups):
+        # Group g refreshes at steps g * spacing (mod inverse_every), so no step refreshes all.
+        due = (step - group * spacing) % inverse_every == 0
+        for path in paths:  # A layer's first statistics refresh its group at once.
+          due = due | first_seen[path]
+        part = jax.lax.cond(due, refresh, dict, {p: layer_states[p] for p in paths})
+        layer_states.update(part)
 
     grad_blocks = {path: _augmented(block) for path, block in grads.items()}
     preconditioned = {
