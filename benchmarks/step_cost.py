@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     opt_state = tx.init(params)
     if tx is not always and name not in ("adam", "sgd"):
       # Take the step-0 statistics and refresh out of the way before timing.
-      _, opt_state = tkfac_step(tx, True)(params, opt_state, x, y)
+      _, opt_state = tkfac_step(tx, True)(jax.tree.map(jnp.copy, params), opt_state, x, y)
     timings[name] = time_step(step, (params, opt_state), batches, args.repeats, args.steps)
   median = {name: statistics.median(t) for name, t in timings.items()}
 
