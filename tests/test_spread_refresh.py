@@ -77,6 +77,8 @@ def _refresh_by_blocks(layer, phi_block, psi_block):
       (_schedule.PHI_PRODUCT, _schedule.PHI_UPDATE, layer.statistics.phi.shape[0], phi_block),
       (_schedule.PSI_PRODUCT, _schedule.PSI_UPDATE, layer.statistics.psi.shape[0], psi_block),
   ):
+    if not block:  # A diagonal factor: no products.
+      continue
     for _ in range(_inverses.NEWTON_SCHULZ_MAX_STEPS):
       for phase in (product, update):
         for row in range(0, n, block):
@@ -101,6 +103,18 @@ def test_refresh_by_row_blocks_equals_the_inverse(block, cond):
     chol, _ = jax.jit(_inverses.cholesky_inverse)(jnp.float32(a))
     assert references.max_error(got, chol) > references.SAME_MATHS  # Iterated, not factorised.
   assert float(layer.damping) == 0.0  # The damping the new inverses were computed with.
+
+
+def test_an_embeddings_diagonal_factor_is_inverted_entry_by_entry():
+  """An embedding's input factor is a vector (a diagonal matrix): ``1 / phi`` exactly, while its
+  output factor is iterated block by block."""
+  phi = np.random.default_rng(0).uniform(0.5, 2.0, 30)
+  psi, old_psi = _factor(1e2, seed=1, n=24), _factor(1e2, seed=1, drift=0.4, n=24)
+  layer = _layer(phi, psi, np.ones(30), np.linalg.inv(old_psi))
+  layer = layer._replace(work=_schedule.empty_work(phi.shape, psi.shape, jnp.float32))
+  layer = _refresh_by_blocks(layer, 0, 5)
+  references.assert_close(layer.inverses.phi, 1.0 / jnp.float32(phi), references.SAME_MATHS)
+  assert _error(layer.inverses.psi, psi) <= TOLERANCE
 
 
 def test_ill_conditioned_factor_falls_back_to_cholesky_at_the_finish():

@@ -126,8 +126,14 @@ def whole_cost(phi_shape, psi_shape) -> float:
   )
 
 
+def _entries(shape) -> int:
+  """Entries of a factor: ``n^2`` for a matrix, ``n`` for a diagonal one (an embedding's)."""
+  return shape[0] ** len(shape)
+
+
 def _start_cost(shapes) -> float:
-  return sum(2.0 * (2 * _inverses._POWER_STEPS + 4) * s[0] ** 2 for s in shapes)
+  """The start's power steps (matrix-vector products) and copies."""
+  return sum(2.0 * (2 * _inverses._POWER_STEPS + 4) * _entries(s) for s in shapes)
 
 
 def _chunked_units(phi_shape, psi_shape, budget: float) -> tuple[list, int, int]:
@@ -147,7 +153,7 @@ def _chunked_units(phi_shape, psi_shape, budget: float) -> tuple[list, int, int]
     starts = list(range(0, n, block))
     for phase in [product, update] * _inverses.NEWTON_SCHULZ_MAX_STEPS + [product]:
       units += [(phase, r, _product_flops(min(block, n - r), n)) for r in starts]
-  units.append((FINISH, 0, sum(2.0 * s[0] ** 2 for s in (phi_shape, psi_shape))))
+  units.append((FINISH, 0, sum(2.0 * _entries(s) for s in (phi_shape, psi_shape))))
   return units, blocks[0], blocks[1]
 
 
