@@ -23,6 +23,7 @@ import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import tkfac_jax
@@ -137,15 +138,19 @@ class OptaxRunner(Runner):
         updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
       return (optax.apply_updates(params, updates), model_state, opt_state), loss
 
-    self._jitted = jax.jit(train_step)
+    # The step donates its state, as a training loop should (and as kfac-jax's does): XLA then
+    # updates it in place rather than copying every array of it on every step.
+    self._jitted = jax.jit(train_step, donate_argnums=(0, 1, 2))
 
   def start(self, params, model_state, x, y):
     start = time.perf_counter()
+    params, model_state = jax.tree.map(jnp.copy, (params, model_state))  # The caller's stay.
     opt_state = self.tx.init(params)
     self._compiled = self._jitted.lower(params, model_state, opt_state, x, y, 0).compile()
-    # One step, thrown away, as kfac-jax's start needs: one-time costs of the first execution
-    # (allocations, thread pools) then stay out of every optimizer's training time alike.
-    jax.block_until_ready(self._compiled(params, model_state, opt_state, x, y, 0))
+    # One step on copies, thrown away, as kfac-jax's start needs: one-time costs of the first
+    # execution (allocations, thread pools) then stay out of every optimizer's training time.
+    copies = jax.tree.map(jnp.copy, (params, model_state, opt_state))
+    jax.block_until_ready(self._compiled(*copies, x, y, 0))
     self.start_seconds = time.perf_counter() - start
     self.peak_bytes = _peak_bytes(self._compiled)
     return params, model_state, opt_state
