@@ -54,11 +54,14 @@ CANDIDATES = {
                                              "kl_clip": 3e-7},
     "stats 10, inverses 100, kl_clip 3e-6": {"stats_every": 10, "inverse_every": 100,
                                              "kl_clip": 3e-6},
+    "stats 10, inverses 100, decay 0.9": {"stats_every": 10, "inverse_every": 100, "decay": 0.9},
+    "stats 10, inverses 100, decay 0.99": {"stats_every": 10, "inverse_every": 100,
+                                           "decay": 0.99},
 }
 # The library's defaults, as tkfac(...) has them (tests/test_defaults_benchmark.py checks that they
 # agree), with the learning rate the benchmark passes.
 LIBRARY = {"learning_rate": 0.3, "damping": 10.0, "kl_clip": 1e-6, "stats_every": 10,
-           "inverse_every": 100, "scale_invariant": True}
+           "inverse_every": 100, "decay": 0.95, "scale_invariant": True}
 # The paper's damping, with the settings the benchmark tuned for it per task before the
 # scale-invariant mode (tasks.py's former TKFAC defaults).
 PAPER = {

@@ -242,7 +242,8 @@ def create(name: str, task: tasks.Task, hparams: dict[str, Any],
     # Settings the hparams leave out take tkfac_jax.tkfac's defaults.
     given = {k: hparams[k] for k in ("damping", "kl_clip", "stats_every", "inverse_every")
              if k in hparams}
-    tx = tkfac_jax.tkfac(lr, conv_damping_floor=floor, momentum=MOMENTUM, decay=DECAY,
+    tx = tkfac_jax.tkfac(lr, conv_damping_floor=floor, momentum=MOMENTUM,
+                         decay=hparams.get("decay", DECAY),
                          curvature=name, scale_invariant=scale_invariant, **given)
     return OptaxRunner(task, tx, name, dropout_key)
   if name == "kfac_jax":
