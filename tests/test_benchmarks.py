@@ -116,6 +116,8 @@ def test_step_cost_benchmark_runs(tmp_path, capsys):
   assert len(result["cadence_runs"]) == 2
   for run in result["cadence_runs"].values():  # Every step of every cadence run is timed.
     assert len(run["seconds"]) == 12 and run["largest_over_median"] >= 1.0
+    later = max(run["seconds"][step_cost.WARMUP_STEPS:]) / run["median"]
+    assert run["largest_after_warmup_over_median"] == later <= run["largest_over_median"]
   assert out.with_name("step_cost_steps.png").stat().st_size > 0
   assert all(len(v) == 2 for v in result["seconds_per_step"].values())
   assert all(math.isfinite(v) and v > 0 for v in result["median_seconds_per_step"].values())
