@@ -244,6 +244,45 @@ def test_chain_with_clipping_and_weight_decay_forwards_stats():
   _assert_close(updates, expected)
 
 
+def test_reduce_on_plateau_in_a_chain_gets_its_value():
+  """Optax's extra-arguments protocol: ``value=`` passes through TKFAC to reduce_on_plateau."""
+  plateau = optax.contrib.reduce_on_plateau(factor=0.5, patience=1, atol=1e-3, rtol=0.0)
+  tx = optax.chain(PLAIN, plateau)
+  params = _params()
+  state, plain_state = tx.init(params), PLAIN.init(params)
+  update = jax.jit(tx.update)
+  # The loss rises every step: with patience 1, every step after the first halves the scale.
+  for step, (value, scale) in enumerate([(1.0, 1.0), (2.0, 0.5), (3.0, 0.25), (4.0, 0.125)]):
+    grads, stats = _capture(params, step)
+    updates, state = update(grads, state, params, stats=stats, value=jnp.asarray(value))
+    expected, plain_state = PLAIN_UPDATE(grads, plain_state, params, stats=stats)
+    _assert_close(updates, jax.tree.map(lambda e: scale * np.asarray(e), expected))
+
+
+def test_extra_keyword_arguments_reach_the_fallback():
+  """Keyword arguments that scale_by_tkfac does not use go to its fallback (here, the LayerNorm's
+  parameters are multiplied by ``value``); the preconditioned layers do not see them."""
+
+  def update(updates, state, params=None, *, value, **extra_args):
+    del params, extra_args
+    return jax.tree.map(lambda u: u * value, updates), state
+
+  scale_by_value = optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+  tx = tkfac_jax.scale_by_tkfac(
+      1e-2, decay=DECAY, stats_every=1, inverse_every=3, scale_invariant=False,
+      fallback=scale_by_value,
+  )
+  params = _params()
+  grads, stats = _capture(params, 0)
+  updates, _ = jax.jit(tx.update)(
+      grads, tx.init(params), params, stats=stats, value=jnp.asarray(3.0), unused=jnp.zeros(())
+  )
+  expected, _ = PRECONDITION(grads, PRECONDITIONER.init(params), params, stats=stats)
+  for name in DENSE:
+    _assert_close(updates[name], expected[name])
+  _assert_close(updates["LayerNorm_0"], jax.tree.map(lambda g: 3 * g, grads["LayerNorm_0"]))
+
+
 # Compilation.
 
 

@@ -446,7 +446,10 @@ def scale_by_tkfac(
       under plain ``jax.jit`` without ``jax.set_mesh``.
 
   Returns:
-    An :class:`optax.GradientTransformationExtraArgs`.
+    An :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes ``stats=`` (required)
+    and, as Optax's extra-arguments protocol asks, any other keyword argument, which it passes on
+    to ``fallback`` (so ``optax.chain(tkfac_jax.tkfac(...), optax.contrib.reduce_on_plateau())``
+    takes ``value=loss``).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, tkfac_jax
@@ -639,7 +642,9 @@ def scale_by_tkfac(
     trace, size = _mean_curvature(layer, curvature)
     return damping * trace / size
 
-  def update_fn(updates, state, params=None, *, stats=_MISSING):
+  def update_fn(updates, state, params=None, *, stats=_MISSING, **extra_args):
+    # Optax's extra-arguments protocol: keyword arguments meant for other transformations of a
+    # chain (reduce_on_plateau's value=, ...) are accepted, and passed on to the fallback.
     if stats is _MISSING:
       raise ValueError(
           "scale_by_tkfac's update needs the keyword argument stats: pass the statistics from "
@@ -722,7 +727,9 @@ def scale_by_tkfac(
     active = {path: layer.count > 0 for path, layer in layer_states.items()}
 
     # Everything starts as the fallback's update; preconditioned layers then replace theirs.
-    fallback_updates, fallback_state = fallback.update(updates, state.fallback, params)
+    fallback_updates, fallback_state = fallback.update(
+        updates, state.fallback, params, **extra_args
+    )
     flat_updates = _tree.flatten_with_paths(fallback_updates)
     # Which leaves take the fallback's update: all but those of layers with curvature.
     owner = {path + (name,): path for path, block in grads.items() for name in block}
