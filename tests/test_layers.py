@@ -555,26 +555,64 @@ def _first_fallback_update(params, layers=None):
 
 
 class _MultiOutput(nn.Module):
-  """A DenseGeneral with two output axes, then a dense head."""
+  """A DenseGeneral with two output axes (or the same map as a Dense of 6), then a dense head."""
 
   use_bias: bool
+  as_dense: bool = False
 
   @nn.compact
   def __call__(self, x):
-    h = nn.DenseGeneral((2, 3), use_bias=self.use_bias, name="multi")(x)
-    return nn.Dense(3, name="head")(jnp.tanh(h.reshape(h.shape[0], -1)))
+    if self.as_dense:
+      h = nn.Dense(6, use_bias=self.use_bias, name="multi")(x)
+    else:
+      h = nn.DenseGeneral((2, 3), use_bias=self.use_bias, name="multi")(x)
+    h = h.reshape(h.shape[:x.ndim - 1] + (6,))
+    return nn.Dense(3, name="head")(jnp.tanh(h))
 
 
-@pytest.mark.parametrize(
-    "use_bias",
-    [
-        False,
-        True,
-    ],
-)
-def test_dense_general_with_several_outputs_is_skipped(use_bias):
-  """Capture contract: a DenseGeneral with features=(2, 3) is skipped, warned, and falls back."""
-  model = _MultiOutput(use_bias)
+def test_dense_general_with_several_outputs_equals_the_flat_dense():
+  """An attention-style projection, features=(2, 3) with a (2, 3) bias, is one block over its 6
+  outputs: its statistics and its update are those of the Dense(6) with the same weights (whose
+  statistics are checked against brute force above), reshaped."""
+  x = _normal(13, (4, 3, 5))  # Three positions per example, as in a sequence model.
+  labels = jnp.asarray([0, 1, 2, 1], jnp.int32)
+
+  def run(model, params):
+    def loss(params):
+      logits = model.apply({"params": params}, x)
+      return _cross_entropy(logits.reshape(-1, 3), jnp.repeat(labels, 3))
+
+    _, grads, stats = tkfac_jax.value_grad_and_stats(loss)(params)
+    assert stats.skipped == ()
+    tx = tkfac_jax.scale_by_tkfac()
+    updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
+    return stats.layers, updates
+
+  general = _MultiOutput(use_bias=True)
+  params = _fill(jax.eval_shape(general.init, jax.random.key(0), x)["params"], 6)
+  flat = dict(params, multi={
+      "kernel": params["multi"]["kernel"].reshape(5, 6),
+      "bias": params["multi"]["bias"].reshape(6),
+  })
+  stats, updates = run(general, params)
+  expected_stats, expected_updates = run(_MultiOutput(use_bias=True, as_dense=True), flat)
+  for name in ("multi", "head"):
+    for got, want in zip(stats[name], expected_stats[name]):
+      _assert_close(got, want)
+  _assert_close(updates["multi"]["kernel"], expected_updates["multi"]["kernel"].reshape(5, 2, 3))
+  _assert_close(updates["multi"]["bias"], expected_updates["multi"]["bias"].reshape(2, 3))
+  _assert_close(updates["head"]["kernel"], expected_updates["head"]["kernel"])
+  # Preconditioned, not the gradient passed through.
+  plain = jax.grad(
+      lambda p: _cross_entropy(general.apply({"params": p}, x).reshape(-1, 3), jnp.repeat(labels, 3))
+  )(params)
+  assert _relative_error(updates["multi"]["kernel"], plain["multi"]["kernel"]) > 1e-2
+
+
+def test_dense_general_with_several_outputs_and_no_bias_is_skipped():
+  """Capture contract: without a bias the optimizer cannot tell a (5, 2, 3) kernel's output axes
+  from a 1-D convolution's, so the layer is skipped, warned, and falls back."""
+  model = _MultiOutput(use_bias=False)
   x = _normal(13, (4, 5))
   labels = jnp.asarray([0, 1, 2, 1], jnp.int32)
   params = _fill(jax.eval_shape(model.init, jax.random.key(0), x)["params"], 6)
@@ -584,7 +622,7 @@ def test_dense_general_with_several_outputs_is_skipped(use_bias):
 
   _, grads, stats = jax.jit(tkfac_jax.value_grad_and_stats(loss))(params, x, labels)
   assert [path for path, _ in stats.skipped] == ["multi"]
-  assert "several output axes" in stats.skipped[0][1]
+  assert "several output axes and no bias" in stats.skipped[0][1]
   assert set(stats.layers) == {"head"}
   update = _first_fallback_update(params)
   with pytest.warns(UserWarning, match="Layer 'multi' is not preconditioned"):

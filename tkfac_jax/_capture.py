@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Literal, Sequence
 
 import flax.linen as nn
@@ -59,6 +60,7 @@ class _Call:
   output: jax.ShapeDtypeStruct
   use_bias: bool
   module_path: str
+  out_size: int  # Output features (their product, for a DenseGeneral with several output axes).
   num_embeddings: int = 0
   varying: frozenset = frozenset()  # Manual mesh axes the output varies over (inside shard_map).
 
@@ -114,12 +116,22 @@ def _unsupported(module: nn.Module, method: str) -> str | None:
   if isinstance(module, nn.DenseGeneral):
     if module.batch_dims:
       return "DenseGeneral with batch_dims is not preconditioned"
-    if len(_tuple(module.features)) != 1:
-      return "DenseGeneral with several output axes is not preconditioned"
+    if len(_tuple(module.features)) != 1 and not module.use_bias:
+      # The optimizer tells a kernel's output axes from its bias (init sees only the params).
+      return (
+          "DenseGeneral with several output axes and no bias is not preconditioned (the "
+          "optimizer tells the output axes from the bias's shape)"
+      )
     return None
   if isinstance(module, (nn.Dense, nn.Embed)):
     return None
   return f"{name} is not a layer type that tkfac_jax preconditions"
+
+
+def _output_axes(module: nn.Module) -> int:
+  """How many trailing axes of the layer's output are features (several for a DenseGeneral with
+  ``features=(heads, head_dim)``)."""
+  return len(_tuple(module.features)) if isinstance(module, nn.DenseGeneral) else 1
 
 
 def _tuple(x) -> tuple:
@@ -171,7 +183,7 @@ def _input_reader(
           f"DenseGeneral layer '{module_path}' contracts the leading (batch) axis of its input; "
           "curvature statistics need axis 0 to be the batch."
       )
-    d_in = kernel.size // kernel.shape[-1]
+    d_in = kernel.size // math.prod(_tuple(module.features))
 
     def moved(x):
       x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
@@ -216,6 +228,7 @@ def _interceptor(owners, perturbations, calls, inputs_seen, skipped, readers):
             varying=_varying_axes(outputs),
             use_bias=bool(getattr(module, "use_bias", False)),
             module_path=module_path,
+            out_size=math.prod(outputs.shape[outputs.ndim - _output_axes(module):]),
             num_embeddings=int(getattr(module, "num_embeddings", 0)),
         )
     )
@@ -285,7 +298,8 @@ def _layer_statistics(
       )
   # The perturbation gradient is dL/dy of the mean loss; per-example gradients are B times it.
   g = jnp.concatenate(
-      [dy.reshape(batch, -1, dy.shape[-1]) * batch for dy in output_grads], axis=1
+      [dy.reshape(batch, -1, call.out_size) * batch for call, dy in zip(calls, output_grads)],
+      axis=1,
   )
   a = jnp.concatenate(inputs, axis=1)
   if calls[0].kind == "embed":
@@ -307,8 +321,8 @@ def value_grad_and_stats(
   """Like :func:`jax.value_and_grad`, and also returns every layer's curvature statistics.
 
   ``fun`` is the user's loss, unchanged: it applies a Flax (linen) model to a batch and returns
-  the mean loss over the batch's leading axis. Every ``nn.Dense``, ``nn.DenseGeneral`` (one output
-  axis), ``nn.Conv`` (ungrouped) and ``nn.Embed`` that ``fun`` applies and whose kernel (or
+  the mean loss over the batch's leading axis. Every ``nn.Dense``, ``nn.DenseGeneral`` (several output
+  axes need a bias), ``nn.Conv`` (ungrouped) and ``nn.Embed`` that ``fun`` applies and whose kernel (or
   embedding) is a leaf of the differentiated argument(s) is captured, with its parameters found by
   identity, so the statistics line up with the ``params`` tree however deeply it is nested. The
   statistics are reduced inside the step to small ``(d, d)`` matrices. Layers of the

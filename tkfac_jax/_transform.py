@@ -103,24 +103,31 @@ def _layer_blocks(tree: Any, layer_paths, what: str) -> dict[_tree.Path, dict[st
   return blocks
 
 
+def _output_axes(block: dict[str, Any]) -> int:
+  """How many of the kernel's last axes are outputs: the bias's (two for an attention projection
+  with ``features=(heads, head_dim)``), else one."""
+  return jnp.ndim(block["bias"]) if "bias" in block else 1
+
+
 def _block_shape(block: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, int]]:
   """Shapes of ``phi`` and ``psi`` for a layer's parameters.
 
-  A kernel's input side is every axis but the last (a convolution's taps and input channels, in
-  the order of its patches); the bias is the homogeneous coordinate. An embedding's input factor
-  is diagonal.
+  A kernel's input side is every axis but the output axes (a convolution's taps and input
+  channels, in the order of its patches); the bias is the homogeneous coordinate. Several output
+  axes (``features=(heads, head_dim)``) make one output block over all of them, so that the
+  output factor sees the correlations between heads. An embedding's input factor is diagonal.
   """
   if "embedding" in block:
     num_embeddings, features = block["embedding"].shape
     return (num_embeddings,), (features, features)
-  kernel = block["kernel"]
-  d_out = kernel.shape[-1]
-  d_in = math.prod(kernel.shape[:-1]) + ("bias" in block)
+  kernel, out_axes = block["kernel"], _output_axes(block)
+  d_out = math.prod(kernel.shape[-out_axes:])
+  d_in = math.prod(kernel.shape[:-out_axes]) + ("bias" in block)
   return (d_in, d_in), (d_out, d_out)
 
 
 def _is_conv(block: dict[str, Any]) -> bool:
-  return "kernel" in block and block["kernel"].ndim > 2
+  return "kernel" in block and block["kernel"].ndim - _output_axes(block) > 1
 
 
 def _augmented(block: dict[str, jax.Array]) -> jax.Array:
@@ -128,10 +135,11 @@ def _augmented(block: dict[str, jax.Array]) -> jax.Array:
   if "embedding" in block:
     return block["embedding"].astype(jnp.float32)
   kernel = block["kernel"].astype(jnp.float32)
-  kernel = kernel.reshape(-1, kernel.shape[-1])
+  d_out = math.prod(kernel.shape[-_output_axes(block):])
+  kernel = kernel.reshape(-1, d_out)
   if "bias" not in block:
     return kernel
-  return jnp.concatenate([kernel, block["bias"].astype(jnp.float32)[None, :]], axis=0)
+  return jnp.concatenate([kernel, block["bias"].astype(jnp.float32).reshape(1, d_out)], axis=0)
 
 
 def _split(matrix: jax.Array, block: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -139,10 +147,10 @@ def _split(matrix: jax.Array, block: dict[str, jax.Array]) -> dict[str, jax.Arra
   if "embedding" in block:
     return {"embedding": matrix.astype(block["embedding"].dtype)}
   kernel = block["kernel"]
-  rows = math.prod(kernel.shape[:-1])
+  rows = kernel.size // matrix.shape[-1]
   out = {"kernel": matrix[:rows].reshape(kernel.shape).astype(kernel.dtype)}
   if "bias" in block:
-    out["bias"] = matrix[-1].astype(block["bias"].dtype)
+    out["bias"] = matrix[-1].reshape(block["bias"].shape).astype(block["bias"].dtype)
   return out
 
 
@@ -328,7 +336,11 @@ def scale_by_tkfac(
 
   For each captured layer (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``, ``nn.Embed``) with
   gradient block ``G = [dW; db]`` (a kernel reshaped to ``(inputs, outputs)``, the bias as the last
-  row):
+  row). An attention projection (``DenseGeneral`` with ``features=(heads, head_dim)`` and a bias of
+  that shape) is one block over all its ``heads * head_dim`` outputs rather than one block per
+  head: with ``d_model = heads * head_dim`` its factors hold ``2 d_model^2`` numbers against
+  ``(heads + 1 / heads) d_model^2`` per head, its preconditioning is two matrix products instead
+  of ``2 heads`` smaller ones, and the output factor keeps the correlations between heads.
 
   .. math::
     \hat\Phi = \sqrt{\delta}\,\Phi + \sqrt{\lambda} I, \quad

@@ -75,9 +75,11 @@ def layer_nodes(params: Any) -> dict[Path, dict[str, Any]]:
   """Finds the parameter nodes that look like a layer TKFAC can precondition.
 
   A node with a ``kernel`` of two or more dimensions (a dense layer, a convolution: its input
-  side is every axis but the last) and maybe a ``bias`` of one entry per output, or a node with a
-  2-D ``embedding``. (A bias of another shape, as in a DenseGeneral with several output axes or a
-  ConvLocal, means the layer is not one block.)
+  side is every axis but the last) and maybe a ``bias``, or a node with a 2-D ``embedding``. The
+  bias tells the output axes: they are the kernel's last ``bias.ndim`` axes (one for Dense and
+  Conv; two for the query, key and value projections of attention, a DenseGeneral with
+  ``features=(heads, head_dim)``). A bias of another shape (a ConvLocal's) means the layer is not
+  one block.
   Returns a mapping from the node's path to its ``{'kernel'|'embedding': ..., 'bias': ...}``.
   """
   nodes: dict[Path, dict[str, Any]] = {}
@@ -89,7 +91,10 @@ def layer_nodes(params: Any) -> dict[Path, dict[str, Any]]:
   def is_layer(node) -> bool:
     if "kernel" in node:
       kernel = node["kernel"]
-      bias_ok = "bias" not in node or tuple(jnp.shape(node["bias"])) == tuple(kernel.shape[-1:])
+      bias = tuple(jnp.shape(node["bias"])) if "bias" in node else None
+      bias_ok = bias is None or (
+          0 < len(bias) < jnp.ndim(kernel) and bias == tuple(kernel.shape[-len(bias):])
+      )
       return jnp.ndim(kernel) >= 2 and bias_ok
     return "embedding" in node and jnp.ndim(node["embedding"]) == 2
 
