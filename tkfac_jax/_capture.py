@@ -56,8 +56,7 @@ class _Call:
   """What the shape-only pass learns about one call of a captured layer."""
 
   kind: str  # "dense" (Dense, DenseGeneral, Conv: patches times kernel) or "embed".
-  input_shape: tuple[int, ...]
-  output: jax.ShapeDtypeStruct
+  input_shape: tuple[int, ...]  # The reader's output: [B, T, d_in], or [B, T] token ids.
   use_bias: bool
   module_path: str
   out_size: int  # Output features (their product, for a DenseGeneral with several output axes).
@@ -66,27 +65,85 @@ class _Call:
 
 
 _PARAM_NAMES = ("kernel", "embedding")
+# The leaf that rides beside each differentiated kernel (or embedding) through the user's model:
+# a placeholder in the shape-only pass, then zeros whose gradient is the layer's statistics.
+_SLOT = "tkfac_statistics"
 
 
-def _param_owners(diff_args: Any) -> dict[int, _tree.Path]:
-  """Maps the id of every ``kernel``/``embedding`` leaf of the differentiated arguments to the
-  path of its layer's parameter node."""
+def _layer_params(diff: Any) -> dict[_tree.Path, jax.Array]:
+  """The kernel (or embedding) of every layer node of the differentiated arguments, by path."""
   return {
-      id(leaf): path[:-1]
-      for path, leaf in _tree.flatten_with_paths(diff_args).items()
+      path[:-1]: leaf
+      for path, leaf in _tree.flatten_with_paths(diff).items()
       if path and path[-1] in _PARAM_NAMES
   }
 
 
-def _owned_layer(module: nn.Module, owners) -> tuple[_tree.Path | None, jax.Array | None]:
+def _children(node: Any):
+  """One level of a pytree node: ``[(key, child)]`` and a function that rebuilds the node."""
+  entries, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+  keys = [_tree.plain_key(keypath[0]) for keypath, _ in entries]
+  return list(zip(keys, [child for _, child in entries])), lambda kids: treedef.unflatten(kids)
+
+
+def _with_slots(tree: Any, slots: dict[_tree.Path, Any], path: _tree.Path = ()) -> Any:
+  """``tree`` with ``slots[p]`` added under the key ``_SLOT`` of the dict node at each path ``p``.
+
+  A layer node that is not a dict gets no slot (its layer is then not captured).
+  """
+  if not any(p[:len(path)] == path for p in slots):
+    return tree
+  if isinstance(tree, dict):
+    out = {k: _with_slots(v, slots, path + (k,)) for k, v in tree.items()}
+    if path in slots:
+      out[_SLOT] = slots[path]
+    return out
+  if _tree._is_box(tree) or jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
+    return tree
+  children, rebuild = _children(tree)
+  return rebuild([_with_slots(child, slots, path + (key,)) for key, child in children])
+
+
+def _pop_slots(tree: Any, paths, path: _tree.Path = ()) -> tuple[Any, dict[_tree.Path, Any]]:
+  """The inverse of :func:`_with_slots`: ``tree`` without the slots, and the slots by path."""
+  if not any(p[:len(path)] == path for p in paths):
+    return tree, {}
+  found: dict[_tree.Path, Any] = {}
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      if key == _SLOT and path in paths:
+        found[path] = value
+        continue
+      out[key], more = _pop_slots(value, paths, path + (key,))
+      found.update(more)
+    return out, found
+  if _tree._is_box(tree) or jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
+    return tree, found
+  children, rebuild = _children(tree)
+  kids = []
+  for key, child in children:
+    kid, more = _pop_slots(child, paths, path + (key,))
+    kids.append(kid)
+    found.update(more)
+  return rebuild(kids), found
+
+
+def _unboxed(value: Any) -> jax.Array:
+  """A parameter without its Flax metadata box (``nn.with_partitioning``), if any."""
+  return jax.tree.leaves(value)[0] if isinstance(value, nn.meta.AxisMetadata) else value
+
+
+def _kernel(module: nn.Module) -> jax.Array:
   for name in _PARAM_NAMES:
     if module.has_variable("params", name):
-      value = module.get_variable("params", name)
-      if isinstance(value, nn.meta.AxisMetadata):  # nn.with_partitioning: the array in the box.
-        value = jax.tree.leaves(value)[0]
-      if id(value) in owners:
-        return owners[id(value)], value
-  return None, None
+      return _unboxed(module.get_variable("params", name))
+  raise AssertionError("a layer node without a kernel or embedding")
+
+
+def _is_batched(x: Any) -> bool:
+  """Whether ``x`` is mapped by a ``jax.vmap`` (or ``nn.vmap``) that is being traced."""
+  return isinstance(x, jax.core.Tracer) and type(x).__name__ == "BatchTracer"
 
 
 def _batch_size(module_path: str, x: jax.Array, min_ndim: int) -> int:
@@ -103,7 +160,10 @@ def _unsupported(module: nn.Module, method: str) -> str | None:
   """Why a layer that owns differentiated parameters cannot be captured, or None if it can."""
   name = type(module).__name__
   if method != "__call__":
-    return f"{name}.{method} is applied (for example weight tying); only __call__ is captured"
+    return (
+        f"{name}.{method} is applied (for example weight tying); only __call__ is captured, "
+        "and a matrix used both ways has no one Kronecker structure to precondition"
+    )
   if isinstance(module, nn.Conv):
     if module.feature_group_count != 1:
       return (
@@ -194,49 +254,128 @@ def _input_reader(
   return "dense", lambda x: x.reshape(batch, -1, x.shape[-1])
 
 
-def _interceptor(owners, perturbations, calls, inputs_seen, skipped, readers):
-  """Records each captured layer call and perturbs its output.
+def _finder(layer_paths, stored, found, skipped):
+  """The shape-only pass's interceptor: finds each differentiated layer's calls.
 
-  ``calls`` receives the static description of each call, ``inputs_seen`` its raw inputs,
-  ``readers`` the functions that turn those into ``[B, T, d_in]``, and ``skipped`` the layers of
-  the differentiated parameters that cannot be captured.
+  Layer ``i``'s slot is a placeholder shaped like its kernel with a last axis of ``i + 1``, so that
+  a call knows its layer, and, from the kernel it sees against the stored one, whether a lifted
+  transformation (``nn.scan``, ``nn.vmap``) sliced stacked parameters.
   """
 
   def intercept(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name == "setup":
+    if context.method_name == "setup" or not module.has_variable("params", _SLOT):
       return next_fun(*args, **kwargs)
-    path, param = _owned_layer(module, owners)
-    if path is None:  # Not a layer of the differentiated parameters (frozen, or no params).
-      return next_fun(*args, **kwargs)
+    placeholder = _unboxed(module.get_variable("params", _SLOT))
+    path = layer_paths[placeholder.shape[-1] - 1]
     module_path = "/".join(module.path) or type(module).__name__
+    kernel = _kernel(module)
+    stacked = stored[path].shape[:stored[path].ndim - kernel.ndim]
     reason = _unsupported(module, context.method_name)
+    if reason is None and stacked:
+      reason = (
+          f"applied under nn.scan or nn.vmap with stacked parameters (leading axes {stacked}); "
+          "stacked layers are not preconditioned yet"
+      )
+    x = args[0] if args else kwargs.get("inputs")
+    if reason is None and _is_batched(x) and not _is_batched(kernel):
+      raise ValueError(
+          f"tkfac_jax.value_grad_and_stats: layer '{module_path}' is applied under jax.vmap "
+          "(or nn.vmap) over its inputs, with parameters shared across the map, as when the "
+          "model is called on one example at a time. Curvature statistics need per-example "
+          "output gradients: apply the model to the whole batch, with the batch as the leading "
+          "axis of its inputs, and keep jax.vmap out of the loss."
+      )
     if reason is not None:
       skipped.setdefault(path, f"{module_path}: {reason}")
       return next_fun(*args, **kwargs)
-    x = args[0] if args else kwargs["inputs"]
-    kind, reader = _input_reader(module, module_path, param, x)
+    kind, reader = _input_reader(module, module_path, kernel, x)
     outputs = next_fun(*args, **kwargs)
-    layer_calls = calls.setdefault(path, [])
-    if perturbations is not None:
-      outputs = outputs + perturbations[path][len(layer_calls)]
-    layer_calls.append(
+    found.setdefault(path, []).append(
         _Call(
             kind=kind,
             input_shape=tuple(jax.eval_shape(reader, x).shape),
-            output=jax.ShapeDtypeStruct(outputs.shape, outputs.dtype),
-            varying=_varying_axes(outputs),
             use_bias=bool(getattr(module, "use_bias", False)),
             module_path=module_path,
             out_size=math.prod(outputs.shape[outputs.ndim - _output_axes(module):]),
             num_embeddings=int(getattr(module, "num_embeddings", 0)),
+            varying=_varying_axes(outputs),
         )
     )
-    inputs_seen.setdefault(path, []).append(x)
-    readers.setdefault(path, []).append(reader)
     return outputs
 
   return intercept
+
+
+def _tapper(due, curvature):
+  """The real pass's interceptor: each captured layer call's output goes through a tap whose
+  backward pass writes the call's statistics into the gradient of its layer's slot."""
+
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "setup" or not module.has_variable("params", _SLOT):
+      return next_fun(*args, **kwargs)
+    slot = module.get_variable("params", _SLOT)
+    x = args[0] if args else kwargs.get("inputs")
+    module_path = "/".join(module.path) or type(module).__name__
+    kind, reader = _input_reader(module, module_path, _kernel(module), x)
+    outputs = next_fun(*args, **kwargs)
+    out_size = math.prod(outputs.shape[outputs.ndim - _output_axes(module):])
+    use_bias = bool(getattr(module, "use_bias", False))
+    num_embeddings = int(getattr(module, "num_embeddings", 0))
+
+    def describe(x, g):
+      a = reader(x)
+      batch = a.shape[0]
+      # g is dL/dy of the mean loss; per-example output gradients are B times it.
+      g = g.reshape(batch, -1, out_size) * batch
+      if kind == "embed":  # K-FAC's 1/T is applied once all calls are summed.
+        return _statistics.embedding_statistics(a, g, num_embeddings, curvature, locations=1)
+      a = _statistics.homogeneous(a) if use_bias else a
+      return _statistics.dense_statistics(a, g, curvature, locations=1)
+
+    return _tap(outputs, x, slot, due, describe)
+
+  return intercept
+
+
+def _tap(outputs, x, slot, due, describe):
+  """``outputs``, unchanged; in the backward pass, ``describe(x, dL/doutputs)`` (where ``due``,
+  or always when ``due`` is ``None``) becomes the cotangent of ``slot``, and zeros elsewhere;
+  nothing flows to ``x``.
+
+  Under ``nn.remat`` or ``jax.checkpoint`` the residual ``x`` is rematerialised like any other, so
+  capturing keeps remat's memory saving.
+  """
+  avals = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), slot)
+  axes = tuple(sorted(frozenset().union(*(_varying_axes(s) for s in jax.tree.leaves(slot)))))
+
+  def like_slot(tree):
+    return jax.tree.map(lambda t, a: _as_varying(t.astype(a.dtype), axes), tree, avals)
+
+  @jax.custom_vjp
+  def tap(outputs, x, slot, due):
+    del x, slot, due
+    return outputs
+
+  def forward(outputs, x, slot, due):
+    del slot
+    return outputs, (x, due)
+
+  def backward(residuals, g):
+    x, due = residuals
+    if always:
+      return g, None, like_slot(describe(x, g)), None
+    stats = jax.lax.cond(
+        due,
+        lambda: like_slot(describe(x, g)),
+        lambda: like_slot(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), avals)),
+    )
+    return g, None, stats, None
+
+  tap.defvjp(forward, backward)
+  always = due is None  # Statistics on every step: no lax.cond.
+  return tap(outputs, x, slot, jnp.ones((), bool) if always else due)
 
 
 def _varying_axes(x: jax.Array) -> frozenset:
@@ -274,41 +413,6 @@ def _axis_names(axis_name) -> tuple:
   return names
 
 
-def _layer_statistics(
-    path: _tree.Path,
-    calls: Sequence[_Call],
-    readers: Sequence[Callable[[jax.Array], jax.Array]],
-    inputs: Sequence[jax.Array],
-    output_grads: Sequence[jax.Array],
-    curvature: str,
-) -> _statistics.LayerStatistics:
-  """Turns one layer's recorded calls into its factor statistics.
-
-  Each call contributes its positions as locations; a layer called several times (weight sharing)
-  has its locations summed, which is exact for the per-example gradient ``sum_t a_t g_t^T``.
-  """
-  inputs = [read(x) for read, x in zip(readers, inputs)]
-  batch = calls[0].input_shape[0]
-  for call in calls:
-    if call.input_shape[0] != batch:
-      raise ValueError(
-          f"Layer '{calls[0].module_path}' (parameters at '{_tree.path_str(path)}') is "
-          f"called on batches of different sizes ({batch} and {call.input_shape[0]}) in one "
-          "loss; weight sharing is supported only when every call sees the same examples."
-      )
-  # The perturbation gradient is dL/dy of the mean loss; per-example gradients are B times it.
-  g = jnp.concatenate(
-      [dy.reshape(batch, -1, call.out_size) * batch for call, dy in zip(calls, output_grads)],
-      axis=1,
-  )
-  a = jnp.concatenate(inputs, axis=1)
-  if calls[0].kind == "embed":
-    return _statistics.embedding_statistics(a, g, calls[0].num_embeddings, curvature)
-  if calls[0].use_bias:
-    a = _statistics.homogeneous(a)
-  return _statistics.dense_statistics(a, g, curvature)
-
-
 def value_grad_and_stats(
     fun: Callable[..., Any],
     argnums: int | Sequence[int] = 0,
@@ -321,13 +425,36 @@ def value_grad_and_stats(
   """Like :func:`jax.value_and_grad`, and also returns every layer's curvature statistics.
 
   ``fun`` is the user's loss, unchanged: it applies a Flax (linen) model to a batch and returns
-  the mean loss over the batch's leading axis. Every ``nn.Dense``, ``nn.DenseGeneral`` (several output
-  axes need a bias), ``nn.Conv`` (ungrouped) and ``nn.Embed`` that ``fun`` applies and whose kernel (or
-  embedding) is a leaf of the differentiated argument(s) is captured, with its parameters found by
-  identity, so the statistics line up with the ``params`` tree however deeply it is nested. The
-  statistics are reduced inside the step to small ``(d, d)`` matrices. Layers of the
-  differentiated parameters that ``fun`` applies but that cannot be captured are listed, with the
-  reason, in ``stats.skipped``.
+  the mean loss over the batch's leading axis. Every ``nn.Dense``, ``nn.DenseGeneral`` (several
+  output axes need a bias), ``nn.Conv`` (ungrouped) and ``nn.Embed`` that ``fun`` applies and
+  whose kernel (or embedding) belongs to the differentiated argument(s) is captured, so the
+  statistics line up with the ``params`` tree however deeply it is nested. Layers under
+  ``nn.remat`` or a ``jax.checkpoint`` are captured too, without keeping the activations that
+  remat drops.
+
+  How: each differentiated layer node (a dict holding a ``kernel`` or ``embedding``) gets an extra
+  entry, ``'tkfac_statistics'``, that rides through the model beside the kernel; a method
+  interceptor passes the layer's output through an identity whose backward pass reduces the
+  layer's input and output gradient to the small ``(d, d)`` statistics and returns them as that
+  entry's gradient. So ``fun`` must hand the differentiated parameters to ``model.apply`` as it
+  gets them (wrapping them in ``{'params': ...}`` is fine; a cast inside the loss rounds the
+  statistics to the cast's precision; rebuilding the tree from another structure drops the entry,
+  and the optimizer then names the layers it has no statistics for).
+
+  Never silent: layers of the differentiated parameters that ``fun`` applies but that cannot be
+  captured are listed, with the reason, in ``stats.skipped``, and the optimizer warns once that
+  they take the fallback: a grouped convolution, a custom module, an ``nn.scan`` or ``nn.vmap``
+  stack whose kernels carry a leading layer axis, and a matrix that ``Embed.attend`` also uses
+  (tied embeddings: the lookup's Kronecker factors are over (token, feature), the output
+  projection's over (feature, token), so the shared matrix has no one block). A model applied
+  under ``jax.vmap`` one example at a time raises: per-example statistics need the whole batch in
+  one call.
+
+  Sequence models: ``fun`` returns the mean over the batch axis of each example's loss; for a
+  ``[B, T]`` token loss, the mean over all tokens is that (every example has ``T`` tokens), and a
+  sum over tokens averaged over examples works too (the default scale-invariant optimizer does not
+  depend on the loss's scale). Every position of a layer's ``[B, T, d]`` input is a location of
+  its Kronecker factors.
 
   Args:
     fun: the loss. Its leading-axis batch mean convention matters: per-example output gradients
@@ -400,83 +527,95 @@ def value_grad_and_stats(
             f"argnums={argnums} but the function was called with {len(args)} positional "
             "argument(s); the differentiated arguments must be passed positionally."
         )
+    due = None if stats_due is None else _check_due(stats_due)
 
-    def call(diff, perturbations, calls, inputs_seen, skipped, readers):
+    def call(tree, intercept):
+      diff = (tree,) if single else tree
       full = list(args)
       for i, value in zip(argnums_tuple, diff):
         full[i] = value
-      owners = _param_owners(diff[0] if single else diff)
-      intercept = _interceptor(owners, perturbations, calls, inputs_seen, skipped, readers)
       with nn.intercept_methods(intercept):
         return fun(*full, **kwargs)
 
-    diff = tuple(args[i] for i in argnums_tuple)
+    tree = args[argnums_tuple[0]] if single else tuple(args[i] for i in argnums_tuple)
     if axes:
-      diff = jax.tree.map(lambda x: _as_varying(x, axes), diff)
+      tree = jax.tree.map(lambda x: _as_varying(x, axes), tree)
       if fisher_key is not None:
         for name in axes:
           fisher_key = jax.random.fold_in(fisher_key, jax.lax.axis_index(name))
-    # A shape-only pass finds the layers and their output shapes, so that the real pass can
-    # differentiate with respect to zero perturbations of those shapes.
+    # A shape-only pass finds the layers, with placeholders in their slots.
+    stored = _layer_params(tree)
+    layer_paths = list(stored)
+    placeholders = {
+        path: jax.ShapeDtypeStruct(kernel.shape + (i + 1,), jnp.float32)
+        for i, (path, kernel) in enumerate(stored.items())
+    }
     found: dict[_tree.Path, list[_Call]] = {}
     skipped: dict[_tree.Path, str] = {}
-    jax.eval_shape(lambda d: call(d, None, found, {}, skipped, {}), diff)
-    perturbations = {
-        # Varying like the layer's output, so that its cotangent stays the shard's own.
-        path: [
-            _as_varying(jnp.zeros(c.output.shape, c.output.dtype), tuple(sorted(c.varying)))
-            for c in layer_calls
-        ]
-        for path, layer_calls in found.items()
-    }
-
-    readers: dict[_tree.Path, list[Callable[[jax.Array], jax.Array]]] = {}
-
-    def differentiable(diff, perturbations):
-      calls: dict[_tree.Path, list[_Call]] = {}
-      inputs: dict[_tree.Path, list[jax.Array]] = {}
-      readers.clear()
-      out = call(diff, perturbations, calls, inputs, {}, readers)
-      if calls != found:
-        raise RuntimeError(
-            "The loss applied different layers in two traces; value_grad_and_stats needs "
-            "the loss to be a pure function of its arguments."
+    jax.eval_shape(
+        lambda t: call(t, _finder(layer_paths, stored, found, skipped)),
+        _with_slots(tree, placeholders),
+    )
+    # A layer that is also applied in a way that cannot be captured has incomplete statistics.
+    captured = {path: calls for path, calls in found.items() if path not in skipped}
+    for path, calls in captured.items():
+      batches = {call.input_shape[0] for call in calls}
+      if len(batches) > 1:
+        raise ValueError(
+            f"Layer '{calls[0].module_path}' (parameters at '{_tree.path_str(path)}') is called "
+            f"on batches of different sizes {sorted(batches)} in one loss; weight sharing is "
+            "supported only when every call sees the same examples."
         )
-      loss, aux = out if has_aux else (out, None)
-      return loss, (aux, inputs)
+    slots = {path: _zero_statistics(calls, axes) for path, calls in captured.items()}
+
+    def finish(stats):
+      """K-FAC's 1/T over all of a layer's calls, and the average over the shards."""
+      if curvature == "kfac":
+        stats = {
+            path: s._replace(psi=s.psi / sum(call.input_shape[1] for call in captured[path]))
+            for path, s in stats.items()
+        }
+      return jax.lax.pmean(stats, axes) if axes else stats
+
+    def zeros(_=None):
+      """What ``finish`` returns, where statistics are not due: zeros that cost nothing."""
+      return jax.tree.map(
+          lambda x: _as_varying(jnp.zeros(x.shape, x.dtype), _varying_axes(x) - set(axes)), slots
+      )
 
     if fisher == "empirical":
-      (loss, (aux, inputs)), (grads, output_grads) = jax.value_and_grad(
-          differentiable, argnums=(0, 1), has_aux=True
-      )(diff, perturbations)
-      read_output_grads = lambda: output_grads  # noqa: E731  Shared with the gradient.
-    else:  # The extra backward pass runs only where the statistics are due.
-      loss, aux, inputs, grads, read_output_grads = _sampled_backward(
-          differentiable, diff, perturbations, fisher_key
+      def differentiable(tree):
+        # Under a lax.cond even when always due: it keeps XLA from holding on to the activations
+        # that nn.remat drops (measured with XLA's memory analysis; see test_transformers.py).
+        out = call(tree, _tapper(jnp.ones((), bool) if due is None else due, curvature))
+        loss, aux = out if has_aux else (out, None)
+        return loss, aux
+
+      (loss, aux), grads = jax.value_and_grad(differentiable, has_aux=True)(
+          _with_slots(tree, slots)
       )
-    # A layer that is also applied in a way that cannot be captured has incomplete statistics.
-    captured = [path for path in found if path not in skipped]
-
-    def reduce(inputs):
-      output_grads = read_output_grads()
-      layers = {
-          path: _layer_statistics(
-              path, found[path], readers[path], inputs[path], output_grads[path], curvature
+      grads, stats = _pop_slots(grads, captured)
+      # Where statistics are not due the taps gave zeros; skip the average over the shards too.
+      gated = axes and due is not None
+      layers = jax.lax.cond(due, finish, zeros, stats) if gated else finish(stats)
+    else:  # The extra backward pass runs only where the statistics are due.
+      loss, aux, grads, read_stats = _sampled_backward(
+          lambda t: call(t, _tapper(jnp.ones((), bool), curvature)), has_aux,
+          _with_slots(tree, slots), fisher_key,
+      )
+      grads, _ = _pop_slots(grads, captured)
+      try:
+        if due is None:
+          layers = finish(_pop_slots(read_stats(), captured)[1])
+        else:
+          layers = jax.lax.cond(
+              due, lambda _: finish(_pop_slots(read_stats(), captured)[1]), zeros, None
           )
-          for path in captured
-      }
-      return jax.lax.pmean(layers, axes) if axes else layers
-
-    inputs = {path: inputs[path] for path in captured}
-    if stats_due is None:
-      layers, due = reduce(inputs), None
-    else:
-      due = _check_due(stats_due)
-      layers = jax.lax.cond(due, reduce, functools.partial(_no_statistics, reduce, axes), inputs)
+      except jax.errors.UnexpectedTracerError as error:
+        raise _hidden_output() from error
     if axes:
       loss, grads = jax.lax.pmean((loss, grads), axes)
     value = (loss, aux) if has_aux else loss
-    grads = grads[0] if single else grads
     return value, grads, Statistics(
         layers=_tree.nest(layers),
         curvature=curvature,
@@ -485,6 +624,22 @@ def value_grad_and_stats(
     )
 
   return wrapped
+
+
+def _zero_statistics(calls: Sequence[_Call], axes) -> _statistics.LayerStatistics:
+  """A layer's slot: zeros shaped like its statistics, varying (inside ``jax.shard_map``) over the
+  mesh axes its statistics vary over before they are averaged."""
+  call = calls[0]
+  varying = tuple(sorted(frozenset(axes).union(*(c.varying for c in calls))))
+  zeros = lambda *shape: _as_varying(jnp.zeros(shape, jnp.float32), varying)  # noqa: E731
+  if call.kind == "embed":
+    phi = zeros(call.num_embeddings)
+  else:
+    d_in = call.input_shape[-1] + call.use_bias
+    phi = zeros(d_in, d_in)
+  return _statistics.LayerStatistics(
+      phi=phi, psi=zeros(call.out_size, call.out_size), delta=zeros()
+  )
 
 
 def _check_due(stats_due) -> jax.Array:
@@ -502,32 +657,26 @@ def _check_due(stats_due) -> jax.Array:
   return due
 
 
-def _no_statistics(reduce, averaged_axes, inputs):
-  """Zeros in place of ``reduce(inputs)``, computing nothing.
-
-  Inside ``jax.shard_map`` the zeros vary over the mesh axes that the layer's own statistics
-  vary over (those of its inputs, less the ``averaged_axes`` that ``reduce`` averages over), so
-  that both branches of the ``lax.cond`` have one type.
-  """
-  shapes = jax.eval_shape(reduce, inputs)
-  out = {}
-  for path, stats in shapes.items():
-    axes = frozenset().union(*(_varying_axes(x) for x in inputs[path])) - frozenset(averaged_axes)
-    axes = tuple(sorted(axes))
-    out[path] = jax.tree.map(lambda s: _as_varying(jnp.zeros(s.shape, s.dtype), axes), stats)
-  return out
+def _hidden_output() -> ValueError:
+  return ValueError(
+      "fisher='sampled': the loss helper was called under a JAX transformation inside the loss "
+      "(jax.vmap, lax.scan, jax.checkpoint, ...), so its output cannot be reached. Call "
+      "tkfac_jax.softmax_cross_entropy, sigmoid_binary_cross_entropy or squared_error "
+      "directly on the batched model output."
+  )
 
 
-def _sampled_backward(differentiable, diff, perturbations, key):
+def _sampled_backward(forward_loss, has_aux, tree, key):
   """One forward pass and the backward pass from the loss (the parameter gradient); returns with
   them a function that runs the second backward pass, from the marked model output with sampled
-  targets (the layers' output gradients), so that it can run only where statistics are due."""
+  targets, whose slot gradients are the statistics, so that it can run only where they are due."""
   distribution = None
 
-  def forward(diff, perturbations):
+  def forward(tree):
     nonlocal distribution
     with _losses.recording_outputs() as marks:
-      loss, (aux, inputs) = differentiable(diff, perturbations)
+      out = forward_loss(tree)
+    loss, aux = out if has_aux else (out, None)
     if len(marks) != 1:
       raise ValueError(
           "fisher='sampled' needs the loss to mark exactly one model output, by computing its "
@@ -535,27 +684,19 @@ def _sampled_backward(differentiable, diff, perturbations, key):
           f"tkfac_jax.squared_error; this loss marked {len(marks)}."
       )
     distribution, output = marks[0]
-    return (loss, output), (aux, inputs)
-
-  def hidden_output(error):
-    return ValueError(
-        "fisher='sampled': the loss helper was called under a JAX transformation inside the loss "
-        "(jax.vmap, lax.scan, jax.checkpoint, ...), so its output cannot be reached. Call "
-        "tkfac_jax.softmax_cross_entropy, sigmoid_binary_cross_entropy or squared_error "
-        "directly on the batched model output."
-    )
+    return (loss, output), aux
 
   try:
-    (loss, output), vjp_fn, (aux, inputs) = jax.vjp(forward, diff, perturbations, has_aux=True)
-    grads, _ = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(output)))
+    (loss, output), vjp_fn, aux = jax.vjp(forward, tree, has_aux=True)
+    (grads,) = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(output)))
   except jax.errors.UnexpectedTracerError as error:
-    raise hidden_output(error) from error
+    raise _hidden_output() from error
 
-  def output_grads():
+  def read_stats():
     try:
       sampled = _losses.sampled_output_gradient(distribution, output, key).astype(output.dtype)
-      return vjp_fn((jnp.zeros_like(loss), sampled))[1]
+      return vjp_fn((jnp.zeros_like(loss), sampled))[0]
     except jax.errors.UnexpectedTracerError as error:
-      raise hidden_output(error) from error
+      raise _hidden_output() from error
 
-  return loss, aux, inputs, grads, output_grads
+  return loss, aux, grads, read_stats

@@ -64,7 +64,7 @@ def homogeneous(x: jax.Array) -> jax.Array:
 
 
 def dense_statistics(
-    a: jax.Array, g: jax.Array, curvature: Curvature = "tkfac"
+    a: jax.Array, g: jax.Array, curvature: Curvature = "tkfac", locations: int | None = None
 ) -> LayerStatistics:
   """Reduces a dense layer's inputs and per-example output gradients to factor statistics.
 
@@ -74,11 +74,14 @@ def dense_statistics(
     g: ``[B, T, d_out]`` per-example output gradients ``dl_n/dy_nt`` (that is ``B`` times the
       gradient of the mean loss).
     curvature: ``"tkfac"`` for TKFAC's weighted factors, ``"kfac"`` for K-FAC's.
+    locations: K-FAC's ``T`` in ``G = (1/T) E_n sum_t g g^T``; ``None``: ``a.shape[1]``. (A
+      layer applied several times sums its calls' statistics, and divides by all their locations.)
 
   Returns:
     The batch's :class:`LayerStatistics`.
   """
-  batch, locations = a.shape[0], a.shape[1]
+  batch = a.shape[0]
+  locations = a.shape[1] if locations is None else locations
   a = a.reshape(-1, a.shape[-1]).astype(jnp.float32)
   g = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
   a_sq = jnp.sum(a * a, axis=-1)
@@ -97,7 +100,11 @@ def dense_statistics(
 
 
 def embedding_statistics(
-    tokens: jax.Array, g: jax.Array, num_embeddings: int, curvature: Curvature = "tkfac"
+    tokens: jax.Array,
+    g: jax.Array,
+    num_embeddings: int,
+    curvature: Curvature = "tkfac",
+    locations: int | None = None,
 ) -> LayerStatistics:
   """Factor statistics of an embedding lookup, whose inputs are one-hot vectors.
 
@@ -109,11 +116,13 @@ def embedding_statistics(
     g: ``[B, T, d]`` per-example output gradients.
     num_embeddings: ``V``.
     curvature: ``"tkfac"`` or ``"kfac"``.
+    locations: as for :func:`dense_statistics`.
 
   Returns:
     :class:`LayerStatistics` with ``phi`` of shape ``(V,)`` (the diagonal).
   """
-  batch, locations = tokens.shape
+  batch = tokens.shape[0]
+  locations = tokens.shape[1] if locations is None else locations
   tokens = tokens.reshape(-1)
   g = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
   g_sq = jnp.sum(g * g, axis=-1)

@@ -616,10 +616,11 @@ def scale_by_tkfac(
     if unexplained:
       raise ValueError(
           f"No statistics for layer(s) {unexplained}, which the optimizer state expects. Layers "
-          "are captured when the loss applies them to the differentiated params; layers under "
-          "nn.remat, nn.scan or jax.vmap inside the loss, and kernels cast or transformed inside "
-          "the loss, are not seen. To leave a layer out of the preconditioner (its parameters "
-          "then take the fallback), pass scale_by_tkfac(layers=[...]) with the layers to keep."
+          "are captured when the loss applies them to the differentiated params as it gets them; "
+          "a loss that rebuilds the params tree drops the 'tkfac_statistics' entry that "
+          "value_grad_and_stats adds beside each kernel, and its layers are not seen. To leave a "
+          "layer out of the preconditioner (its parameters then take the fallback), pass "
+          "scale_by_tkfac(layers=[...]) with the layers to keep."
       )
     # Skipped layers the state has no factors for (a bias that is not one block) warn as well.
     in_state = {_tree.path_str(p) for p in layer_states}

@@ -1,0 +1,231 @@
+"""Transformer stacks: attention projections, nn.remat and jax.checkpoint captured (the same
+statistics and updates as the plain model), nn.scan stacks and per-example jax.vmap never silent.
+
+The reference for a rematerialised model is the same model without remat, with the same weights:
+remat changes when activations are computed, never what they are.
+"""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import references
+import tkfac_jax
+
+VOCAB, WIDTH, HEADS, LENGTH, BATCH, DEPTH = 11, 8, 2, 5, 4, 2
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block: causal self-attention and a Dense MLP on ``[B, T, d]``."""
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    h = nn.LayerNorm()(x)
+    mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+    x = x + nn.MultiHeadDotProductAttention(num_heads=HEADS, name="attention")(h, h, mask=mask)
+    h = nn.LayerNorm()(x)
+    return x + nn.Dense(WIDTH, name="down")(nn.gelu(nn.Dense(2 * WIDTH, name="up")(h))), None
+
+
+class LM(nn.Module):
+  """A tiny decoder-only LM; ``stack`` says how its blocks are built."""
+
+  stack: str = "unrolled"  # "unrolled", "remat" or "scan".
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(VOCAB, WIDTH, name="embed")(tokens)
+    x = x + self.param("position", nn.initializers.normal(0.1), (LENGTH, WIDTH))[None]
+    if self.stack == "scan":
+      blocks = nn.scan(
+          Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=DEPTH
+      )
+      x, _ = blocks(name="blocks")(x, None)
+    else:
+      block = nn.remat(Block) if self.stack == "remat" else Block
+      for i in range(DEPTH):
+        x, _ = block(name=f"block_{i}")(x)
+    return nn.Dense(VOCAB, name="head")(nn.LayerNorm()(x))
+
+
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (BATCH, LENGTH + 1)), jnp.int32)
+PARAMS = LM().init(jax.random.key(0), TOKENS[:, :-1])["params"]
+KERNELS = [
+    "embed", "head",
+    *(f"block_{i}/{name}" for i in range(DEPTH)
+      for name in ("attention/query", "attention/key", "attention/value", "attention/out", "up",
+                   "down")),
+]
+
+
+def _loss(model, checkpoint=False):
+  def loss(params, tokens):
+    logits = model.apply({"params": params}, tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  return jax.checkpoint(loss) if checkpoint else loss
+
+
+def _flat(tree):
+  is_stats = lambda x: isinstance(x, tkfac_jax.LayerStatistics)  # noqa: E731
+  return {
+      "/".join(str(k.key) for k in path): leaf
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_stats)[0]
+  }
+
+
+def _step(loss, curvature="tkfac"):
+  """Statistics and the first two updates of ``tkfac`` (the second with the refreshed inverses
+  of the first step's statistics)."""
+  tx = tkfac_jax.tkfac(0.1, curvature=curvature, stats_every=1, inverse_every=1)
+
+  @jax.jit
+  def step(params, opt_state, tokens):
+    _, grads, stats = tkfac_jax.value_grad_and_stats(loss, curvature=curvature)(params, tokens)
+    updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+    return optax.apply_updates(params, updates), opt_state, stats, updates
+
+  params, state, stats, _ = step(PARAMS, tx.init(PARAMS), TOKENS)
+  _, _, _, updates = step(params, state, TOKENS)
+  return stats, updates
+
+
+@pytest.fixture(scope="module")
+def unrolled():
+  return {curvature: _step(_loss(LM()), curvature) for curvature in ("tkfac", "kfac")}
+
+
+def test_every_kernel_of_the_unrolled_transformer_is_captured(unrolled):
+  stats, _ = unrolled["tkfac"]
+  assert stats.skipped == ()
+  assert sorted(_flat(stats.layers)) == sorted(KERNELS)
+
+
+@pytest.mark.parametrize("curvature", ["tkfac", "kfac"])
+@pytest.mark.parametrize("how", ["nn.remat", "jax.checkpoint"])
+def test_rematerialised_model_gives_the_unrolled_statistics_and_updates(unrolled, how, curvature):
+  """Layers under nn.remat, or a loss under jax.checkpoint, are captured with the statistics and
+  updates of the same model without remat (a dropped layer or a location counted twice fails)."""
+  if how == "nn.remat":
+    stats, updates = _step(_loss(LM("remat")), curvature)
+  else:
+    stats, updates = _step(_loss(LM(), checkpoint=True), curvature)
+  want_stats, want_updates = unrolled[curvature]
+  assert stats.skipped == ()
+  got, want = _flat(stats.layers), _flat(want_stats.layers)
+  assert sorted(got) == sorted(want) == sorted(KERNELS)
+  for name in KERNELS:
+    for field in ("phi", "psi", "delta"):
+      references.assert_close(
+          getattr(got[name], field), getattr(want[name], field), references.SAME_MATHS,
+          err_msg=f"{name}.{field}",
+      )
+  references.assert_trees_close(updates, want_updates, references.REFERENCE)
+
+
+def test_remat_keeps_its_memory_saving():
+  """XLA's memory analysis of the compiled capture: under nn.remat it needs about what a plain
+  gradient does, not the activations that remat drops (which capture without remat keeps)."""
+
+  class Stack(nn.Module):
+    remat: bool
+
+    @nn.compact
+    def __call__(self, x):
+      for i in range(8):
+        block = nn.remat(_Residual) if self.remat else _Residual
+        x = block(name=f"block_{i}")(x)
+      return nn.Dense(10, name="head")(x)
+
+  x = jnp.ones((512, 64))
+  labels = jnp.zeros((512,), jnp.int32)
+
+  def temp_bytes(fun, params):
+    return jax.jit(fun).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+  sizes = {}
+  for remat in (False, True):
+    model = Stack(remat)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+
+    def loss(params, model=model):
+      logits = model.apply({"params": params}, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    sizes[remat] = (
+        temp_bytes(jax.grad(loss), params),
+        temp_bytes(tkfac_jax.value_grad_and_stats(loss), params),
+    )
+  (_, capture), (plain_remat, capture_remat) = sizes[False], sizes[True]
+  assert capture_remat < 0.6 * capture, sizes
+  assert capture_remat < 1.5 * plain_remat, sizes
+
+
+class _Residual(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x + nn.Dense(64, name="down")(nn.tanh(nn.Dense(256, name="up")(x)))
+
+
+def test_scan_stack_is_reported_and_warned():
+  """Never silent: layers of an nn.scan stack (stacked kernels) are in stats.skipped with the
+  reason, and the optimizer warns that they take the fallback."""
+  model = LM("scan")
+  params = model.init(jax.random.key(0), TOKENS[:, :-1])["params"]
+  _, grads, stats = jax.jit(tkfac_jax.value_grad_and_stats(_loss(model)))(params, TOKENS)
+  skipped = dict(stats.skipped)
+  scanned = [f"blocks/{name}" for name in
+             ("attention/query", "attention/key", "attention/value", "attention/out", "up", "down")]
+  assert sorted(skipped) == sorted(scanned)
+  assert all("nn.scan" in reason and "(2,)" in reason for reason in skipped.values())
+  assert sorted(_flat(stats.layers)) == ["embed", "head"]
+  tx = tkfac_jax.tkfac(0.1)
+  with pytest.warns(UserWarning) as record:
+    updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
+  warned = " ".join(str(w.message) for w in record)
+  for name in scanned:
+    assert f"Layer '{name}' is not preconditioned" in warned
+  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+def test_per_example_vmap_names_the_library_and_the_fix():
+  model = LM()
+
+  def loss(params, tokens):
+    def one(sequence):
+      logits = model.apply({"params": params}, sequence[None, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, sequence[None, 1:]).mean()
+
+    return jax.vmap(one)(tokens).mean()
+
+  with pytest.raises(ValueError, match="tkfac_jax.value_grad_and_stats.*jax.vmap.*whole batch"):
+    tkfac_jax.value_grad_and_stats(loss)(PARAMS, TOKENS)
+
+
+def test_transformer_trains_with_every_kernel_preconditioned():
+  """A tiny budget: the loss of a repeated batch falls well below its start (and no warning:
+  nothing takes the fallback but the norms and the position table)."""
+  loss = _loss(LM())
+  tx = tkfac_jax.tkfac(0.05)
+
+  @jax.jit
+  def step(params, opt_state, tokens):
+    due = tkfac_jax.stats_due(opt_state)
+    value, grads, stats = tkfac_jax.value_grad_and_stats(loss)(params, tokens, stats_due=due)
+    updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  params, opt_state = PARAMS, tx.init(PARAMS)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    losses = []
+    for _ in range(60):
+      params, opt_state, value = step(params, opt_state, TOKENS)
+      losses.append(float(value))
+  assert np.isfinite(losses).all()
+  assert losses[-1] < 0.5 * losses[0], losses[::10]
