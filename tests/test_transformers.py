@@ -1,5 +1,6 @@
 """Transformer stacks: attention projections, nn.remat and jax.checkpoint captured (the same
-statistics and updates as the plain model), nn.scan stacks and per-example jax.vmap never silent.
+statistics and updates as the plain model), nn.cond captured (the branch that ran), nn.scan and
+nn.vmap stacks reported and warned, a per-example jax.vmap an error that says what to do.
 
 The reference for a rematerialised model is the same model without remat, with the same weights:
 remat changes when activations are computed, never what they are.
@@ -229,3 +230,72 @@ def test_transformer_trains_with_every_kernel_preconditioned():
       losses.append(float(value))
   assert np.isfinite(losses).all()
   assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+class _Ensemble(nn.Module):
+  """nn.vmap with the parameters mapped: a stack of 3 Dense layers, each on its own input; then a
+  Dense head."""
+
+  @nn.compact
+  def __call__(self, x):
+    members = nn.vmap(
+        nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0, out_axes=0
+    )
+    return nn.Dense(2, name="head")(members(4, name="members")(x))
+
+
+def test_nn_vmap_stack_is_reported_and_warned():
+  """Never silent: an nn.vmap stack (kernels with a leading member axis) is skipped with the
+  reason and warned about; its gradient takes the fallback."""
+  model = _Ensemble()
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 6, 5)), jnp.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+
+  def loss(params):
+    return jnp.mean(model.apply({"params": params}, x) ** 2)
+
+  _, grads, stats = tkfac_jax.value_grad_and_stats(loss)(params)
+  skipped = dict(stats.skipped)
+  assert list(skipped) == ["members"] and "leading axes (3,)" in skipped["members"]
+  assert list(stats.layers) == ["head"]
+  tx = tkfac_jax.scale_by_tkfac(fallback=optax.identity())
+  with pytest.warns(UserWarning, match="Layer 'members' is not preconditioned"):
+    updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
+  references.assert_trees_close(updates["members"], grads["members"], references.SAME_MATHS)
+
+
+class _Branches(nn.Module):
+  """nn.cond between two Dense layers."""
+
+  def setup(self):
+    self.left = nn.Dense(3)
+    self.right = nn.Dense(3)
+
+  def __call__(self, x, pred):
+    if self.is_initializing():  # nn.cond needs both branches' parameters to exist.
+      self.left(x), self.right(x)
+    return nn.cond(pred, lambda m, x: m.left(x), lambda m, x: m.right(x), self, x)
+
+
+@pytest.mark.parametrize("pred", [True, False])
+def test_nn_cond_captures_the_branch_that_ran(pred):
+  """Layers under nn.cond are captured: the branch taken has the statistics of the same layer
+  applied without nn.cond, the other (not in this step's loss) has zero statistics."""
+  model = _Branches()
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((6, 5)), jnp.float32)
+  params = model.init(jax.random.key(0), x, True)["params"]
+  ran, idle = ("left", "right") if pred else ("right", "left")
+
+  def loss(params):
+    return jnp.mean(model.apply({"params": params}, x, jnp.asarray(pred)) ** 2)
+
+  def plain_loss(layer_params):
+    return jnp.mean(nn.Dense(3).apply({"params": layer_params}, x) ** 2)
+
+  _, grads, stats = jax.jit(tkfac_jax.value_grad_and_stats(loss))(params)
+  _, want_grads, want = tkfac_jax.value_grad_and_stats(plain_loss)(params[ran])
+  assert stats.skipped == ()
+  references.assert_trees_close(grads[ran], want_grads, references.SAME_MATHS)
+  for got, expected in zip(stats.layers[ran], want.layers):
+    references.assert_close(got, expected, references.SAME_MATHS)
+  assert all(not np.any(leaf) for leaf in jax.tree.leaves(stats.layers[idle]))
