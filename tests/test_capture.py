@@ -4,6 +4,7 @@ These tests check the capture's contract with the user's code (values, gradients
 captured and where their statistics sit), not the factor maths, which tests/test_truths.py covers.
 """
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -361,6 +362,25 @@ def test_params_nested_under_an_extra_key():
           ("params", "head"),
       ],
   )
+
+
+def test_frozen_dict_params_give_the_dict_statistics_and_grads():
+  """Params in a Flax FrozenDict (old checkpoints, flax.core.freeze) are captured like a dict's,
+  and the gradient keeps the FrozenDict type."""
+  x, y = _data()
+  model = Nested()
+  variables = _init(model, x)
+
+  def loss_fn(variables, x, y):
+    return jnp.mean((model.apply(variables, x) - y) ** 2)
+
+  capture = tkfac_jax.value_grad_and_stats(loss_fn)
+  _, grads, stats = capture(variables, x, y)
+  _, frozen_grads, frozen_stats = capture(flax.core.freeze(variables), x, y)
+  assert isinstance(frozen_grads, flax.core.FrozenDict)
+  _assert_trees_close(flax.core.unfreeze(frozen_grads), grads)
+  _assert_trees_close(frozen_stats.layers, stats.layers)
+  assert _stats_paths(frozen_stats) == _stats_paths(stats) != set()
 
 
 def test_model_that_is_a_single_dense():

@@ -13,6 +13,7 @@ import functools
 import math
 from typing import Any, Callable, Literal, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -89,16 +90,17 @@ def _children(node: Any):
 def _with_slots(tree: Any, slots: dict[_tree.Path, Any], path: _tree.Path = ()) -> Any:
   """``tree`` with ``slots[p]`` added under the key ``_SLOT`` of the dict node at each path ``p``.
 
-  A layer node that is not a dict gets no slot (its layer is then not captured).
+  A layer node that is not a dict (or a Flax ``FrozenDict``) gets no slot (its layer is then not
+  captured, and the optimizer names it).
   """
   if not any(p[:len(path)] == path for p in slots):
     return tree
-  if isinstance(tree, dict):
+  if isinstance(tree, (dict, flax.core.FrozenDict)):
     out = {k: _with_slots(v, slots, path + (k,)) for k, v in tree.items()}
     if path in slots:
       out[_SLOT] = slots[path]
-    return out
-  if _tree._is_box(tree) or jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
+    return type(tree)(out)
+  if _tree.is_box(tree) or jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
     return tree
   children, rebuild = _children(tree)
   return rebuild([_with_slots(child, slots, path + (key,)) for key, child in children])
@@ -109,7 +111,7 @@ def _pop_slots(tree: Any, paths, path: _tree.Path = ()) -> tuple[Any, dict[_tree
   if not any(p[:len(path)] == path for p in paths):
     return tree, {}
   found: dict[_tree.Path, Any] = {}
-  if isinstance(tree, dict):
+  if isinstance(tree, (dict, flax.core.FrozenDict)):
     out = {}
     for key, value in tree.items():
       if key == _SLOT and path in paths:
@@ -117,8 +119,8 @@ def _pop_slots(tree: Any, paths, path: _tree.Path = ()) -> tuple[Any, dict[_tree
         continue
       out[key], more = _pop_slots(value, paths, path + (key,))
       found.update(more)
-    return out, found
-  if _tree._is_box(tree) or jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
+    return type(tree)(out), found
+  if _tree.is_box(tree) or jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
     return tree, found
   children, rebuild = _children(tree)
   kids = []

@@ -27,7 +27,7 @@ def path_str(path: Path) -> str:
   return "/".join(str(k) for k in path) or "<root>"
 
 
-def _is_box(x: Any) -> bool:
+def is_box(x: Any) -> bool:
   """A Flax metadata box around a parameter (``nn.with_partitioning`` gives ``nn.Partitioned``)."""
   return isinstance(x, meta.AxisMetadata)
 
@@ -40,12 +40,12 @@ def flatten_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) 
   """
   user_leaf = is_leaf or (lambda x: False)
   leaves, _ = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: user_leaf(x) or _is_box(x)
+      tree, is_leaf=lambda x: user_leaf(x) or is_box(x)
   )
   flat = {}
   for keypath, leaf in leaves:
     path = plain_path(keypath)
-    if not _is_box(leaf) or user_leaf(leaf):
+    if not is_box(leaf) or user_leaf(leaf):
       flat[path] = leaf
       continue
     inner, _ = jax.tree_util.tree_flatten_with_path(leaf, is_leaf=is_leaf)
