@@ -186,8 +186,8 @@ def test_scan_stack_is_reported_and_warned():
   assert all("nn.scan" in reason and "(2,)" in reason for reason in skipped.values())
   assert sorted(_flat(stats.layers)) == ["embed", "head"]
   tx = tkfac_jax.tkfac(0.1)
-  with pytest.warns(UserWarning) as record:
-    updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
+  with pytest.warns(UserWarning) as record:  # At trace time.
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, stats=stats)
   warned = " ".join(str(w.message) for w in record)
   for name in scanned:
     assert f"Layer '{name}' is not preconditioned" in warned
