@@ -87,48 +87,38 @@ def _children(node: Any):
   return list(zip(keys, [child for _, child in entries])), lambda kids: treedef.unflatten(kids)
 
 
-def _with_slots(tree: Any, slots: dict[_tree.Path, Any], path: _tree.Path = ()) -> Any:
-  """``tree`` with ``slots[p]`` added under the key ``_SLOT`` of the dict node at each path ``p``.
-
-  A layer node that is not a dict (or a Flax ``FrozenDict``) gets no slot (its layer is then not
-  captured, and the optimizer names it).
-  """
-  if not any(p[:len(path)] == path for p in slots):
-    return tree
-  if isinstance(tree, (dict, flax.core.FrozenDict)):
-    out = {k: _with_slots(v, slots, path + (k,)) for k, v in tree.items()}
-    if path in slots:
-      out[_SLOT] = slots[path]
-    return type(tree)(out)
-  if _tree.is_box(tree) or jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
-    return tree
-  children, rebuild = _children(tree)
-  return rebuild([_with_slots(child, slots, path + (key,)) for key, child in children])
-
-
-def _pop_slots(tree: Any, paths, path: _tree.Path = ()) -> tuple[Any, dict[_tree.Path, Any]]:
-  """The inverse of :func:`_with_slots`: ``tree`` without the slots, and the slots by path."""
+def _edit_layer_nodes(tree: Any, paths, edit, path: _tree.Path = ()) -> Any:
+  """``tree`` with ``edit(p, node)`` in place of the dict (or Flax ``FrozenDict``) node at each
+  path ``p`` of ``paths``. A layer node of another type is left as it is."""
   if not any(p[:len(path)] == path for p in paths):
-    return tree, {}
-  found: dict[_tree.Path, Any] = {}
+    return tree
   if isinstance(tree, (dict, flax.core.FrozenDict)):
-    out = {}
-    for key, value in tree.items():
-      if key == _SLOT and path in paths:
-        found[path] = value
-        continue
-      out[key], more = _pop_slots(value, paths, path + (key,))
-      found.update(more)
-    return type(tree)(out), found
+    out = {k: _edit_layer_nodes(v, paths, edit, path + (k,)) for k, v in tree.items()}
+    return type(tree)(edit(path, out) if path in paths else out)
   if _tree.is_box(tree) or jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)):
-    return tree, found
+    return tree
   children, rebuild = _children(tree)
-  kids = []
-  for key, child in children:
-    kid, more = _pop_slots(child, paths, path + (key,))
-    kids.append(kid)
-    found.update(more)
-  return rebuild(kids), found
+  return rebuild([_edit_layer_nodes(child, paths, edit, path + (key,)) for key, child in children])
+
+
+def _with_slots(tree: Any, slots: dict[_tree.Path, Any]) -> Any:
+  """``tree`` with ``slots[p]`` under the key ``_SLOT`` of the layer node at each path ``p``.
+
+  A layer node that is not a dict (or a ``FrozenDict``) gets no slot: its layer is then not
+  captured, and the optimizer names it.
+  """
+  return _edit_layer_nodes(tree, slots, lambda path, node: {**node, _SLOT: slots[path]})
+
+
+def _pop_slots(tree: Any, paths) -> tuple[Any, dict[_tree.Path, Any]]:
+  """The inverse of :func:`_with_slots`: ``tree`` without the slots, and the slots by path."""
+  found: dict[_tree.Path, Any] = {}
+
+  def take(path, node):
+    found[path] = node.pop(_SLOT)
+    return node
+
+  return _edit_layer_nodes(tree, paths, take), found
 
 
 def _unboxed(value: Any) -> jax.Array:
@@ -144,8 +134,22 @@ def _kernel(module: nn.Module) -> jax.Array:
 
 
 def _is_batched(x: Any) -> bool:
-  """Whether ``x`` is mapped by a ``jax.vmap`` (or ``nn.vmap``) that is being traced."""
+  """Whether ``x`` is mapped by a ``jax.vmap`` (or ``nn.vmap``) that is being traced. (JAX does
+  not export its batching tracer's class, hence the name.)"""
   return isinstance(x, jax.core.Tracer) and type(x).__name__ == "BatchTracer"
+
+
+def _module_path(module: nn.Module) -> str:
+  return "/".join(module.path) or type(module).__name__
+
+
+def _layer_input(args, kwargs) -> jax.Array:
+  return args[0] if args else kwargs["inputs"]
+
+
+def _out_size(module: nn.Module, outputs: jax.Array) -> int:
+  """The layer's output features (their product, for several output axes)."""
+  return math.prod(outputs.shape[outputs.ndim - _output_axes(module):])
 
 
 def _batch_size(module_path: str, x: jax.Array, min_ndim: int) -> int:
@@ -270,7 +274,7 @@ def _finder(layer_paths, stored, found, skipped):
       return next_fun(*args, **kwargs)
     placeholder = _unboxed(module.get_variable("params", _SLOT))
     path = layer_paths[placeholder.shape[-1] - 1]
-    module_path = "/".join(module.path) or type(module).__name__
+    module_path = _module_path(module)
     kernel = _kernel(module)
     stacked = stored[path].shape[:stored[path].ndim - kernel.ndim]
     reason = _unsupported(module, context.method_name)
@@ -279,8 +283,11 @@ def _finder(layer_paths, stored, found, skipped):
           f"applied under nn.scan or nn.vmap with stacked parameters (leading axes {stacked}); "
           "stacked layers are not preconditioned yet"
       )
-    x = args[0] if args else kwargs.get("inputs")
-    if reason is None and _is_batched(x) and not _is_batched(kernel):
+    if reason is not None:
+      skipped.setdefault(path, f"{module_path}: {reason}")
+      return next_fun(*args, **kwargs)
+    x = _layer_input(args, kwargs)
+    if _is_batched(x) and not _is_batched(kernel):
       raise ValueError(
           f"tkfac_jax.value_grad_and_stats: layer '{module_path}' is applied under jax.vmap "
           "(or nn.vmap) over its inputs, with parameters shared across the map, as when the "
@@ -288,9 +295,6 @@ def _finder(layer_paths, stored, found, skipped):
           "output gradients: apply the model to the whole batch, with the batch as the leading "
           "axis of its inputs, and keep jax.vmap out of the loss."
       )
-    if reason is not None:
-      skipped.setdefault(path, f"{module_path}: {reason}")
-      return next_fun(*args, **kwargs)
     kind, reader = _input_reader(module, module_path, kernel, x)
     outputs = next_fun(*args, **kwargs)
     found.setdefault(path, []).append(
@@ -299,7 +303,7 @@ def _finder(layer_paths, stored, found, skipped):
             input_shape=tuple(jax.eval_shape(reader, x).shape),
             use_bias=bool(getattr(module, "use_bias", False)),
             module_path=module_path,
-            out_size=math.prod(outputs.shape[outputs.ndim - _output_axes(module):]),
+            out_size=_out_size(module, outputs),
             num_embeddings=int(getattr(module, "num_embeddings", 0)),
             varying=_varying_axes(outputs),
         )
@@ -318,11 +322,10 @@ def _tapper(due, curvature):
     if context.method_name == "setup" or not module.has_variable("params", _SLOT):
       return next_fun(*args, **kwargs)
     slot = module.get_variable("params", _SLOT)
-    x = args[0] if args else kwargs.get("inputs")
-    module_path = "/".join(module.path) or type(module).__name__
-    kind, reader = _input_reader(module, module_path, _kernel(module), x)
+    x = _layer_input(args, kwargs)
+    kind, reader = _input_reader(module, _module_path(module), _kernel(module), x)
     outputs = next_fun(*args, **kwargs)
-    out_size = math.prod(outputs.shape[outputs.ndim - _output_axes(module):])
+    out_size = _out_size(module, outputs)
     use_bias = bool(getattr(module, "use_bias", False))
     num_embeddings = int(getattr(module, "num_embeddings", 0))
 
