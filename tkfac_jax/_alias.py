@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import chex
 import jax
@@ -31,6 +31,7 @@ def tkfac(
     weight_decay: chex.Numeric | None = None,
     fallback: optax.GradientTransformation | None = None,
     layers: Sequence[str] | None = None,
+    stacked: Mapping[str, int] | None = None,
     dtype: Any = None,
     inverse_axis: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -83,6 +84,8 @@ def tkfac(
       layers that cannot be captured), for example ``optax.scale_by_adam()``; momentum, weight
       decay and the learning rate still apply after it. ``None``: their plain gradient.
     layers: which layers to precondition; see :func:`scale_by_tkfac`.
+    stacked: leading layer axes of ``nn.scan`` stacks without a bias, by path prefix
+      (``{"blocks": 1}``); see :func:`scale_by_tkfac`.
     dtype: dtype of the factors and inverses; ``None`` means float32.
     inverse_axis: a mesh axis to spread the inverse work over; see :func:`scale_by_tkfac`.
     mesh: the mesh of ``inverse_axis`` under plain ``jax.jit``; see :func:`scale_by_tkfac`.
@@ -111,6 +114,7 @@ def tkfac(
           learning_rate=learning_rate if kl_clip is not None else None,
           fallback=fallback,
           layers=layers,
+          stacked=stacked,
           dtype=dtype,
           inverse_axis=inverse_axis,
           mesh=mesh,

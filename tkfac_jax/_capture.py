@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import flax
 import flax.linen as nn
@@ -63,6 +63,15 @@ class _Call:
   out_size: int  # Output features (their product, for a DenseGeneral with several output axes).
   num_embeddings: int = 0
   varying: frozenset = frozenset()  # Manual mesh axes the output varies over (inside shard_map).
+  stack: tuple[int, ...] = ()  # Leading axes of stacked parameters that nn.scan sliced.
+
+
+class _Slot(NamedTuple):
+  """What a layer's slot receives as its gradient: the statistics summed over the layer's calls,
+  and their locations per example (for K-FAC's ``1/T``)."""
+
+  statistics: _statistics.LayerStatistics
+  locations: jax.Array
 
 
 _PARAM_NAMES = ("kernel", "embedding")
@@ -276,12 +285,12 @@ def _finder(layer_paths, stored, found, skipped):
     path = layer_paths[placeholder.shape[-1] - 1]
     module_path = _module_path(module)
     kernel = _kernel(module)
-    stacked = stored[path].shape[:stored[path].ndim - kernel.ndim]
+    stack = tuple(stored[path].shape[:stored[path].ndim - kernel.ndim])
     reason = _unsupported(module, context.method_name)
-    if reason is None and stacked:
+    if reason is None and stack and _is_batched(kernel):
       reason = (
-          f"applied under nn.scan or nn.vmap with stacked parameters (leading axes {stacked}); "
-          "stacked layers are not preconditioned yet"
+          f"applied under nn.vmap with stacked parameters (leading axes {stack}); layers of an "
+          "nn.vmap stack are not preconditioned (those of an nn.scan stack are)"
       )
     if reason is not None:
       skipped.setdefault(path, f"{module_path}: {reason}")
@@ -306,6 +315,7 @@ def _finder(layer_paths, stored, found, skipped):
             out_size=_out_size(module, outputs),
             num_embeddings=int(getattr(module, "num_embeddings", 0)),
             varying=_varying_axes(outputs),
+            stack=stack,
         )
     )
     return outputs
@@ -331,13 +341,17 @@ def _tapper(due, curvature):
 
     def describe(x, g):
       a = reader(x)
-      batch = a.shape[0]
+      batch, locations = a.shape[:2]
       # g is dL/dy of the mean loss; per-example output gradients are B times it.
       g = g.reshape(batch, -1, out_size) * batch
-      if kind == "embed":  # K-FAC's 1/T is applied once all calls are summed.
-        return _statistics.embedding_statistics(a, g, num_embeddings, curvature, locations=1)
-      a = _statistics.homogeneous(a) if use_bias else a
-      return _statistics.dense_statistics(a, g, curvature, locations=1)
+      # K-FAC's 1/T is applied once all calls are summed: each call counts its locations, so
+      # that a call traced twice (nn.scan's body is) but run once counts once.
+      if kind == "embed":
+        stats = _statistics.embedding_statistics(a, g, num_embeddings, curvature, locations=1)
+      else:
+        a = _statistics.homogeneous(a) if use_bias else a
+        stats = _statistics.dense_statistics(a, g, curvature, locations=1)
+      return _Slot(stats, jnp.asarray(locations, jnp.float32))
 
     return _tap(outputs, x, slot, due, describe)
 
@@ -418,6 +432,19 @@ def _axis_names(axis_name) -> tuple:
   return names
 
 
+def _is_nnx(tree: Any) -> bool:
+  """Whether ``tree`` is an NNX module or state (or holds NNX variables)."""
+  nnx = _tree.NNX
+  if nnx is None:
+    return False
+  if isinstance(tree, (nnx.Module, nnx.State, nnx.Variable)):
+    return True
+  return any(
+      isinstance(leaf, nnx.Variable)
+      for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  )
+
+
 def value_grad_and_stats(
     fun: Callable[..., Any],
     argnums: int | Sequence[int] = 0,
@@ -448,12 +475,17 @@ def value_grad_and_stats(
 
   Never silent: layers of the differentiated parameters that ``fun`` applies but that cannot be
   captured are listed, with the reason, in ``stats.skipped``, and the optimizer warns once that
-  they take the fallback: a grouped convolution, a custom module, an ``nn.scan`` or ``nn.vmap``
-  stack whose kernels carry a leading layer axis, and a matrix that ``Embed.attend`` also uses
+  they take the fallback: a grouped convolution, a custom module, an ``nn.vmap`` stack whose
+  kernels carry a leading layer axis, and a matrix that ``Embed.attend`` also uses
   (tied embeddings: the lookup's Kronecker factors are over (token, feature), the output
   projection's over (feature, token), so the shared matrix has no one block). A model applied
   under ``jax.vmap`` one example at a time raises: per-example statistics need the whole batch in
   one call.
+
+  Stacks: the layers of an ``nn.scan`` stack (``variable_axes={'params': 0}``: each kernel with a
+  leading layer axis) are captured layer by layer; their statistics carry the stack's leading
+  axes (``phi`` of shape ``(L, d_in + 1, d_in + 1)``), and the optimizer keeps one set of factors
+  per layer.
 
   Sequence models: ``fun`` returns the mean over the batch axis of each example's loss; for a
   ``[B, T]`` token loss, the mean over all tokens is that (every example has ``T`` tokens), and a
@@ -532,6 +564,13 @@ def value_grad_and_stats(
             f"argnums={argnums} but the function was called with {len(args)} positional "
             "argument(s); the differentiated arguments must be passed positionally."
         )
+    for i in argnums_tuple:
+      if _is_nnx(args[i]):
+        raise TypeError(
+            f"value_grad_and_stats got an NNX {type(args[i]).__name__} as argument {i}; it "
+            "differentiates a linen model's params. For an nnx.Module, use "
+            "tkfac_jax.nnx.value_grad_and_stats(loss_fn)(model, ...)."
+        )
     due = None if stats_due is None else _check_due(stats_due)
 
     def call(tree, intercept):
@@ -564,6 +603,12 @@ def value_grad_and_stats(
     # A layer that is also applied in a way that cannot be captured has incomplete statistics.
     captured = {path: calls for path, calls in found.items() if path not in skipped}
     for path, calls in captured.items():
+      if len({call.stack for call in calls}) > 1:
+        raise ValueError(
+            f"Layer '{calls[0].module_path}' (parameters at '{_tree.path_str(path)}') is applied "
+            "both as a whole stack of layers and one layer at a time in one loss; its statistics "
+            "need one of the two."
+        )
       batches = {call.input_shape[0] for call in calls}
       if len(batches) > 1:
         raise ValueError(
@@ -573,11 +618,13 @@ def value_grad_and_stats(
         )
     slots = {path: _zero_statistics(calls, axes) for path, calls in captured.items()}
 
-    def finish(stats):
-      """K-FAC's 1/T over all of a layer's calls, and the average over the shards."""
+    def finish(filled):
+      """The statistics from the filled slots: K-FAC's 1/T over all of a layer's calls, and the
+      average over the shards."""
+      stats = {path: slot.statistics for path, slot in filled.items()}
       if curvature == "kfac":
         stats = {
-            path: s._replace(psi=s.psi / sum(call.input_shape[1] for call in captured[path]))
+            path: s._replace(psi=s.psi / jnp.maximum(filled[path].locations, 1)[..., None, None])
             for path, s in stats.items()
         }
       return jax.lax.pmean(stats, axes) if axes else stats
@@ -585,7 +632,8 @@ def value_grad_and_stats(
     def zeros(_=None):
       """What ``finish`` returns, where statistics are not due: zeros that cost nothing."""
       return jax.tree.map(
-          lambda x: _as_varying(jnp.zeros(x.shape, x.dtype), _varying_axes(x) - set(axes)), slots
+          lambda x: _as_varying(jnp.zeros(x.shape, x.dtype), _varying_axes(x) - set(axes)),
+          {path: slot.statistics for path, slot in slots.items()},
       )
 
     if fisher == "empirical":
@@ -631,19 +679,23 @@ def value_grad_and_stats(
   return wrapped
 
 
-def _zero_statistics(calls: Sequence[_Call], axes) -> _statistics.LayerStatistics:
+def _zero_statistics(calls: Sequence[_Call], axes) -> _Slot:
   """A layer's slot: zeros shaped like its statistics, varying (inside ``jax.shard_map``) over the
   mesh axes its statistics vary over before they are averaged."""
   call = calls[0]
   varying = tuple(sorted(frozenset(axes).union(*(c.varying for c in calls))))
-  zeros = lambda *shape: _as_varying(jnp.zeros(shape, jnp.float32), varying)  # noqa: E731
+  # A stack's slot has its leading axes: nn.scan hands each layer its own slice.
+  zeros = lambda *shape: _as_varying(  # noqa: E731
+      jnp.zeros(call.stack + shape, jnp.float32), varying
+  )
   if call.kind == "embed":
     phi = zeros(call.num_embeddings)
   else:
     d_in = call.input_shape[-1] + call.use_bias
     phi = zeros(d_in, d_in)
-  return _statistics.LayerStatistics(
-      phi=phi, psi=zeros(call.out_size, call.out_size), delta=zeros()
+  return _Slot(
+      _statistics.LayerStatistics(phi=phi, psi=zeros(call.out_size, call.out_size), delta=zeros()),
+      zeros(),
   )
 
 

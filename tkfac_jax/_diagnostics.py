@@ -20,6 +20,10 @@ def _condition_number(inverse: jax.Array) -> jax.Array:
   return jnp.max(magnitudes) / jnp.min(magnitudes)
 
 
+def _per_layer(layer):
+  return lambda fn: _transform._per_layer(fn, _transform._lead(layer))  # pylint: disable=protected-access
+
+
 def diagnostics(opt_state: Any) -> dict[str, Any]:
   """Per-layer curvature diagnostics from an optimizer state, as arrays (log them outside jit).
 
@@ -60,8 +64,9 @@ def diagnostics(opt_state: Any) -> dict[str, Any]:
           _tree.path_str(path): {
               "delta": layer.statistics.delta,
               "damping": layer.damping,
-              "phi_condition": _condition_number(layer.inverses.phi),
-              "psi_condition": _condition_number(layer.inverses.psi),
+              # One per layer of a stack (nn.scan).
+              "phi_condition": _per_layer(layer)(_condition_number)(layer.inverses.phi),
+              "psi_condition": _per_layer(layer)(_condition_number)(layer.inverses.psi),
               "count": layer.count,
           }
           for path, layer in layers.items()

@@ -80,18 +80,33 @@ def multi_steps(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
+    inner_state = inner.init(params)
+    # The inner optimizer's layers, with its shapes (a stack's leading axes included); the other
+    # layers of params by their own shapes, as their statistics may still arrive.
+    known = {
+        path: layer.statistics
+        for state in _transform.find_states(inner_state)
+        for path, layer in _tree.flatten_with_paths(
+            state.layers, is_leaf=lambda x: isinstance(x, _transform.LayerState)
+        ).items()
+    }
     sums = {}
     for path, node in _tree.layer_nodes(params).items():
-      phi_shape, psi_shape = _transform._block_shape(node)  # pylint: disable=protected-access
+      if path in known:
+        sums[path] = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), known[path])
+        continue
+      # pylint: disable=protected-access
+      phi_shape, psi_shape = _transform._block_shape(_transform._unstacked(node.params, node.lead))
+      stack = tuple(jnp.shape(next(iter(node.params.values())))[:node.lead])
       sums[path] = _statistics.LayerStatistics(
-          phi=jnp.zeros(phi_shape, jnp.float32),
-          psi=jnp.zeros(psi_shape, jnp.float32),
-          delta=jnp.zeros((), jnp.float32),
+          phi=jnp.zeros(stack + phi_shape, jnp.float32),
+          psi=jnp.zeros(stack + psi_shape, jnp.float32),
+          delta=jnp.zeros(stack, jnp.float32),
       )
     return MultiStepsState(
         mini_step=jnp.zeros((), jnp.int32),
         gradient_step=jnp.zeros((), jnp.int32),
-        inner_state=inner.init(params),
+        inner_state=inner_state,
         grads=jax.tree.map(jnp.zeros_like, params),
         statistics=_tree.nest(sums) if sums else {},
         stats_count=jnp.zeros((), jnp.int32),

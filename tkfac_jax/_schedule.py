@@ -157,18 +157,20 @@ def _chunked_units(phi_shape, psi_shape, budget: float) -> tuple[list, int, int]
   return units, blocks[0], blocks[1]
 
 
-def _pack(shapes: dict, period: int, budget: float) -> dict | None:
+def _pack(shapes: dict, copies: dict, period: int, budget: float) -> dict | None:
   """Lays the layers' units on the steps of the period, each step's load within ``budget`` (a
   step with nothing yet takes any one unit), at most one unit of a layer per step, a layer's
-  units in order. ``None`` when they do not fit."""
+  units in order. A stack of ``copies[key]`` layers runs each unit on all of them at once.
+  ``None`` when they do not fit."""
   load = [0.0] * period
   out = {}
-  order = sorted(shapes, key=lambda k: -whole_cost(*shapes[k]))
+  order = sorted(shapes, key=lambda k: -whole_cost(*shapes[k]) * copies[k])
   for key in order:
     phi_shape, psi_shape = shapes[key]
-    cost = whole_cost(phi_shape, psi_shape)
+    cost = whole_cost(phi_shape, psi_shape) * copies[key]
     phases, rows = [NOOP] * period, [0] * period
-    units, phi_block, psi_block = _chunked_units(phi_shape, psi_shape, budget)
+    units, phi_block, psi_block = _chunked_units(phi_shape, psi_shape, budget / copies[key])
+    units = [(phase, row, flops * copies[key]) for phase, row, flops in units]
     fewest = len(_chunked_units(phi_shape, psi_shape, math.inf)[0])
     if cost <= max(budget, MIN_SPREAD_FLOPS) or fewest > period:
       # One step: the least loaded one (the earliest among equals).
@@ -207,42 +209,49 @@ MAX_WINDOW = 1000
 
 
 @functools.lru_cache(maxsize=64)
-def _plan(shapes: tuple, period: int) -> tuple:
-  layers = dict(shapes)
-  total = sum(whole_cost(*s) for s in layers.values())
+def _plan(shapes: tuple, copies: tuple, period: int) -> tuple:
+  layers, copies = dict(shapes), dict(copies)
+  total = sum(whole_cost(*s) * copies[k] for k, s in layers.items())
   budget = max(total / period, 1.0)
   while True:
-    packed = _pack(layers, period, budget)
+    packed = _pack(layers, copies, period, budget)
     if packed is not None:
       return tuple(packed.items())
     budget *= 1.1
 
 
-def plan(shapes: dict[Hashable, tuple[tuple[int, ...], tuple[int, ...]]], period: int):
+def plan(
+    shapes: dict[Hashable, tuple[tuple[int, ...], tuple[int, ...]]],
+    period: int,
+    copies: dict[Hashable, int] | None = None,
+):
   """``{layer: LayerPlan}`` for layers with factor shapes ``{layer: (phi_shape, psi_shape)}``,
-  over the first ``min(period, MAX_WINDOW)`` steps of the period.
+  over the first ``min(period, MAX_WINDOW)`` steps of the period. ``copies[layer]`` (default 1)
+  is the number of layers in a stack (``nn.scan``), whose refreshes run together, unit by unit.
 
   The budget of a step starts at the average share (all the refreshes' flops over ``period``) and
   grows by 10% until every layer's units fit in order.
   """
   key = tuple((k, (tuple(a), tuple(b))) for k, (a, b) in shapes.items())
-  return dict(_plan(key, min(int(period), MAX_WINDOW)))
+  counts = tuple((k, int((copies or {}).get(k, 1))) for k in shapes)
+  return dict(_plan(key, counts, min(int(period), MAX_WINDOW)))
 
 
-def peak_flops(plans: dict, shapes: dict) -> float:
+def peak_flops(plans: dict, shapes: dict, copies: dict | None = None) -> float:
   """The most matrix-product flops any step of the period does (for reports)."""
   period = len(next(iter(plans.values())).phases)
   load = np.zeros(period)
   for key, p in plans.items():
     phi_shape, psi_shape = shapes[key]
+    n = (copies or {}).get(key, 1)
     if not p.chunked:
-      load[list(p.phases).index(WHOLE)] += whole_cost(phi_shape, psi_shape)
+      load[list(p.phases).index(WHOLE)] += n * whole_cost(phi_shape, psi_shape)
       continue
     for t, (phase, row) in enumerate(zip(p.phases, p.rows)):
       if phase in (PHI_PRODUCT, PHI_UPDATE):
-        load[t] += _product_flops(min(p.phi_block, phi_shape[0] - row), phi_shape[0])
+        load[t] += n * _product_flops(min(p.phi_block, phi_shape[0] - row), phi_shape[0])
       elif phase in (PSI_PRODUCT, PSI_UPDATE):
-        load[t] += _product_flops(min(p.psi_block, psi_shape[0] - row), psi_shape[0])
+        load[t] += n * _product_flops(min(p.psi_block, psi_shape[0] - row), psi_shape[0])
   return float(load.max())
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import chex
 import jax
@@ -75,6 +75,50 @@ def _is_layer_stats(x) -> bool:
   return isinstance(x, _statistics.LayerStatistics)
 
 
+def _lead(layer: LayerState) -> int:
+  """How many leading axes stack copies of the layer (``nn.scan``), each with its own factors."""
+  return layer.count.ndim
+
+
+def _per_layer(fn, lead: int, *, inverts: bool = False):
+  """``fn`` mapped over ``lead`` leading axes of all its arguments (itself when ``lead == 0``).
+
+  ``inverts``: ``fn`` inverts matrices. On CPU it then runs layer after layer (``lax.map``, one
+  compiled loop) rather than batched by ``jax.vmap``: there a batched Cholesky inside a
+  conditional deadlocked XLA's CPU runtime (jax 0.10.2, measured: the train step of an
+  ``nn.scan`` stack hung on one start in three, every time with ``OPENBLAS_NUM_THREADS=1``), and
+  per layer the inversion's own conditionals (Newton-Schulz from the previous inverse, Cholesky
+  only where it does not converge) stay conditionals instead of both branches running for all
+  layers. Accelerators invert the stack batched.
+  """
+  if lead == 0:
+    return fn
+  if inverts and jax.default_backend() == "cpu":
+    inner = _per_layer(fn, lead - 1, inverts=True)
+    return lambda *args: jax.lax.map(lambda xs: inner(*xs), args)
+  for _ in range(lead):
+    fn = jax.vmap(fn)
+  return fn
+
+
+def _broadcast(mask: jax.Array, like: jax.Array) -> jax.Array:
+  """A per-layer ``mask`` (of a stack's leading axes, or a scalar) shaped to broadcast over
+  ``like``."""
+  return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
+
+
+def _masked_sum(mask: jax.Array, x: jax.Array) -> jax.Array:
+  """The sum of ``x`` over the layers where ``mask`` holds."""
+  if mask.ndim == 0:
+    return jnp.where(mask, jnp.sum(x), 0.0)
+  return jnp.sum(jnp.where(_broadcast(mask, x), x, 0.0))
+
+
+def _unstacked(block: dict[str, Any], lead: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes of one layer of a stack's parameters."""
+  return {k: jax.ShapeDtypeStruct(jnp.shape(v)[lead:], jnp.result_type(v)) for k, v in block.items()}
+
+
 def _check_concrete(name: str, value: Any, ok, requirement: str) -> None:
   """Validates a hyperparameter at trace time when it is a concrete value (not under a tracer)."""
   if value is None or callable(value):
@@ -106,7 +150,7 @@ def _layer_blocks(tree: Any, layer_paths, what: str) -> dict[_tree.Path, dict[st
 def _output_axes(block: dict[str, Any]) -> int:
   """How many of the kernel's last axes are outputs: the bias's (two for an attention projection
   with ``features=(heads, head_dim)``), else one."""
-  return jnp.ndim(block["bias"]) if "bias" in block else 1
+  return len(block["bias"].shape) if "bias" in block else 1
 
 
 def _block_shape(block: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, int]]:
@@ -127,7 +171,7 @@ def _block_shape(block: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, int
 
 
 def _is_conv(block: dict[str, Any]) -> bool:
-  return "kernel" in block and block["kernel"].ndim - _output_axes(block) > 1
+  return "kernel" in block and len(block["kernel"].shape) - _output_axes(block) > 1
 
 
 def _augmented(block: dict[str, jax.Array]) -> jax.Array:
@@ -182,16 +226,20 @@ def _fold_due(layer_states, batch, decay, due):
   def fold(layer_states):
     layer_states, firsts = dict(layer_states), dict(no_first)
     for path in batch:
-      layer_states[path], firsts[path] = _fold_in(layer_states[path], batch[path], decay)
+      fold_in = _per_layer(lambda s, b: _fold_in(s, b, decay), _lead(layer_states[path]))
+      layer_states[path], first = fold_in(layer_states[path], batch[path])
+      firsts[path] = jnp.any(first)  # A stack's layers are refreshed together.
     return layer_states, firsts
 
   return jax.lax.cond(due, fold, lambda s: (dict(s), dict(no_first)), layer_states)
 
 
 def _cost(layer: LayerState) -> float:
-  """The relative cost of inverting a layer's two factors (``n^3`` each; ``n`` for a diagonal)."""
-  return sum(
-      float(x.shape[0]) ** (3 if x.ndim == 2 else 1)
+  """The relative cost of inverting a layer's two factors (``n^3`` each; ``n`` for a diagonal),
+  times the layers of a stack."""
+  lead = _lead(layer)
+  return math.prod(layer.count.shape) * sum(
+      float(x.shape[-1]) ** (3 if x.ndim - lead == 2 else 1)
       for x in (layer.statistics.phi, layer.statistics.psi)
   )
 
@@ -244,7 +292,8 @@ def _refresh(
   }
 
   def invert(inputs):
-    return _inverses.damped_inverses(*inputs, curvature, pi_damping, inverse_method)
+    one = lambda *x: _inverses.damped_inverses(*x, curvature, pi_damping, inverse_method)  # noqa: E731
+    return _per_layer(one, jnp.ndim(inputs[3]), inverts=True)(*inputs)
 
   if inverse_axis is None:
     results = {path: invert(x) for path, x in inputs.items()}
@@ -256,24 +305,28 @@ def _refresh(
     new, ok = results[path]
     use = ok & (layer.count > 0)
     out[path] = layer._replace(
-        inverses=jax.tree.map(lambda n, o: jnp.where(use, n, o), new, layer.inverses),
+        inverses=jax.tree.map(
+            lambda n, o: jnp.where(_broadcast(use, n), n, o), new, layer.inverses
+        ),
         damping=jnp.where(use, dampings[path], layer.damping),
     )
   return out
 
 
 def _mean_curvature(layer: LayerState, curvature: str) -> tuple[jax.Array, int]:
-  """The trace of a layer's Kronecker-factored Fisher block, and the block's size ``d_in d_out``.
+  """The trace of a layer's Kronecker-factored Fisher block (one per layer of a stack), and the
+  block's size ``d_in d_out``.
 
   TKFAC: ``tr(delta Psi kron Phi) = delta``; K-FAC: ``tr(A) tr(G)``. (Traces only: this runs on
   every step.)
   """
-  stats = layer.statistics
-  size = stats.phi.shape[0] * stats.psi.shape[0]
+  stats, lead = layer.statistics, _lead(layer)
+  size = stats.phi.shape[-1] * stats.psi.shape[-1]
   if curvature == "tkfac":
     return stats.delta, size
-  trace_phi = jnp.sum(stats.phi) if stats.phi.ndim == 1 else jnp.trace(stats.phi)
-  return trace_phi * jnp.trace(stats.psi), size
+  diagonal = stats.phi.ndim - lead == 1
+  trace_phi = jnp.sum(stats.phi, -1) if diagonal else jnp.trace(stats.phi, axis1=-2, axis2=-1)
+  return trace_phi * jnp.trace(stats.psi, axis1=-2, axis2=-1), size
 
 
 def find_states(opt_state: Any) -> list[ScaleByTKFACState]:
@@ -328,6 +381,7 @@ def scale_by_tkfac(
     learning_rate: optax.ScalarOrSchedule | None = None,
     fallback: optax.GradientTransformation | None = None,
     layers: Sequence[str] | None = None,
+    stacked: Mapping[str, int] | None = None,
     dtype: Any = None,
     inverse_axis: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -354,6 +408,12 @@ def scale_by_tkfac(
 
   Every other parameter (norm scales and biases, layers that cannot be captured, and layers that
   have not yet received statistics) takes the ``fallback`` transformation's update instead.
+
+  **Stacks.** The layers of an ``nn.scan`` stack (``variable_axes={'params': 0}``: kernel
+  ``(L, d_in, d_out)``) each get their own factors, held along the stack's leading axes in the
+  state, folded, refreshed (in one batched computation) and applied layer by layer, exactly as the
+  same layers unrolled. A stack with biases is recognised by the leading axes its bias shares
+  with its kernel; one without needs ``stacked``.
 
   **Scale invariance** (``scale_invariant=True``, the default). The empirical Fisher scales as
   ``c^2`` when the loss is multiplied by ``c`` (a loss summed over pixels, tokens or the batch
@@ -446,6 +506,13 @@ def scale_by_tkfac(
       parameters are used.
     layers: paths (``"encoder/Dense_0"``) of the layers to precondition. Default: every parameter
       node with a ``kernel`` of two or more axes, or a 2-D ``embedding``.
+    stacked: for layers stacked by ``nn.scan`` (a kernel with a leading layer axis), how many
+      leading axes stack them, by path prefix: ``{"blocks": 1}``. Each layer of a stack gets its
+      own factors, held along the stack's axes in the state and inverted together. Needed only
+      where the shapes cannot tell: a stacked layer with a bias is recognised by the axes its
+      bias shares with the kernel (``(L, d_in, d_out)`` and ``(L, d_out)``), but a kernel
+      without a bias could as well be a convolution's. The update raises, naming the layer, when
+      the statistics show a stack that the state does not have.
     dtype: dtype of the factors and inverses; ``None`` means float32. (A dtype default would be
       taken for a schedule by ``optax.inject_hyperparams``, which treats callables as schedules.)
     inverse_axis: a mesh axis (for data parallelism, the batch axis) to spread the inverse work
@@ -506,6 +573,15 @@ def scale_by_tkfac(
         "inverse_axis, the mesh axis to spread the inverses over."
     )
   selected = None if layers is None else {tuple(p.split("/")): p for p in layers}
+  if stacked is not None and not (
+      isinstance(stacked, Mapping)
+      and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in stacked.values())
+  ):
+    raise TypeError(
+        "stacked must map layer path prefixes to how many leading axes stack the layers under "
+        f"them, for example {{'blocks': 1}}; got {stacked!r}."
+    )
+  stacked_paths = {tuple(p.split("/")) if p else (): n for p, n in (stacked or {}).items()}
   dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
   split_by_pi = scale_invariant if pi_damping is None else pi_damping
   # Scale-invariant mode preconditions the parameters without a block by the mean curvature, which
@@ -513,8 +589,28 @@ def scale_by_tkfac(
   curvature_fallback = scale_invariant and fallback is None
   fallback = optax.with_extra_args_support(optax.identity() if fallback is None else fallback)
 
-  def find_layers(params) -> dict[_tree.Path, dict[str, Any]]:
-    found = _tree.layer_nodes(params)
+  def find_layers(params) -> dict[_tree.Path, _tree.LayerNode]:
+    found = _tree.layer_nodes(params, stacked_paths)
+    # Every kernel under a prefix of ``stacked`` must be a stack of that many axes.
+    kernels = {
+        path[:-1]: jnp.shape(leaf)
+        for path, leaf in _tree.flatten_with_paths(params).items()
+        if path and path[-1] in ("kernel", "embedding")
+    }
+    for prefix, lead in stacked_paths.items():
+      under = [p for p in kernels if p[:len(prefix)] == prefix]
+      if not under:
+        raise ValueError(
+            f"stacked names '{_tree.path_str(prefix)}', under which params has no layer; layers "
+            f"found: {[_tree.path_str(p) for p in kernels]}."
+        )
+      for path in under:
+        if path not in found:
+          raise ValueError(
+              f"stacked={{'{_tree.path_str(prefix)}': {lead}}}: the layer at "
+              f"'{_tree.path_str(path)}' (kernel shape {kernels[path]}) is not a stack of "
+              f"{lead} leading axes over a layer (its bias, if any, must share them)."
+          )
     if selected is None:
       if not found:
         raise ValueError(
@@ -530,22 +626,28 @@ def scale_by_tkfac(
       )
     return {path: found[path] for path in selected}
 
-  def refresh_plans(shapes: dict) -> dict[_tree.Path, _schedule.LayerPlan] | None:
+  def refresh_plans(shapes: dict, copies: dict) -> dict[_tree.Path, _schedule.LayerPlan] | None:
     """Where each layer's refresh runs in the period, when the Newton-Schulz refreshes are spread
-    over its steps (``stagger``, a static ``inverse_every``, no ``inverse_axis``); else ``None``."""
+    over its steps (``stagger``, a static ``inverse_every``, no ``inverse_axis``); else ``None``.
+    ``copies``: how many layers each stack has."""
     period = _static_period(inverse_every)
     if not (stagger and inverse_method == "newton_schulz" and inverse_axis is None and period):
       return None
-    return _schedule.plan(shapes, period) if shapes else None
+    return _schedule.plan(shapes, period, copies) if shapes else None
 
   def init_fn(params):
     layer_states = {}
-    shapes = {path: _block_shape(node) for path, node in find_layers(params).items()}
-    plans = refresh_plans(shapes) or {}
+    nodes = find_layers(params)
+    shapes = {path: _block_shape(_unstacked(n.params, n.lead)) for path, n in nodes.items()}
+    stacks = {
+        path: tuple(jnp.shape(next(iter(n.params.values())))[:n.lead])
+        for path, n in nodes.items()
+    }
+    plans = refresh_plans(shapes, {p: math.prod(s) for p, s in stacks.items()}) or {}
     for path, (phi_shape, psi_shape) in shapes.items():
       eye_phi = jnp.ones(phi_shape, dtype) if len(phi_shape) == 1 else jnp.eye(*phi_shape, dtype=dtype)
       chunked = path in plans and plans[path].chunked
-      layer_states[path] = LayerState(
+      layer = LayerState(
           statistics=_statistics.LayerStatistics(
               phi=jnp.zeros(phi_shape, dtype),
               psi=jnp.zeros(psi_shape, dtype),
@@ -555,6 +657,10 @@ def scale_by_tkfac(
           inverses=_inverses.DampedInverses(phi=eye_phi, psi=jnp.eye(*psi_shape, dtype=dtype)),
           damping=jnp.zeros((), dtype),
           work=_schedule.empty_work(phi_shape, psi_shape, dtype) if chunked else None,
+      )
+      # A stack's layers: the same state along its leading axes.
+      layer_states[path] = jax.tree.map(
+          lambda x, stack=stacks[path]: jnp.broadcast_to(x, stack + x.shape), layer
       )
     return ScaleByTKFACState(
         count=jnp.zeros((), jnp.int32),
@@ -631,6 +737,25 @@ def scale_by_tkfac(
           "fallback update. Pass scale_by_tkfac(layers=[...]) without it to silence this.",
           stacklevel=4,
       )
+    stacks = {}  # Layers whose statistics come from a stack that the state does not hold.
+    for path, layer in layer_states.items():
+      if path not in flat:
+        continue
+      got = tuple(tuple(jnp.shape(x)) for x in flat[path])
+      want = tuple(tuple(x.shape) for x in layer.statistics)
+      # delta has one entry per layer of a stack.
+      if got != want and got[2] and got[2] != want[2]:
+        stacks[_tree.path_str(path)] = (got[2], want)
+    if stacks:
+      raise ValueError(
+          f"Statistics for layer(s) {list(stacks)} come from nn.scan stacks with leading axes "
+          f"{[got for got, _ in stacks.values()]}, but the optimizer state was initialised for "
+          f"factors of shapes {[want for _, want in stacks.values()]}: the parameters' shapes do "
+          "not tell (a kernel without a bias could be a convolution's, and a stack as deep as "
+          "its input is wide a layer with two output axes). Pass "
+          f"stacked={ {p: len(got) for p, (got, _) in stacks.items()} } (or the path prefix of "
+          "the stacked block) to tkfac_jax.tkfac or scale_by_tkfac."
+      )
     for path, layer in layer_states.items():
       if path not in flat:
         continue
@@ -648,7 +773,7 @@ def scale_by_tkfac(
     ``conv_damping_floor``), else ``damping`` times the block's mean eigenvalue (scale-invariant)
     or ``damping`` itself."""
     if conv_damping_floor is not None and _is_conv(block):
-      d_in, d_out = layer.statistics.phi.shape[0], layer.statistics.psi.shape[0]
+      d_in, d_out = layer.statistics.phi.shape[-1], layer.statistics.psi.shape[-1]
       return jnp.maximum(layer.statistics.delta, conv_damping_floor) / (d_in * d_out)
     if not scale_invariant:
       return damping
@@ -666,10 +791,13 @@ def scale_by_tkfac(
       )
     layer_states = _tree.flatten_with_paths(state.layers, is_leaf=_is_layer_state)
     grads = _layer_blocks(updates, layer_states, "updates")
+    leads = {path: _lead(layer) for path, layer in layer_states.items()}
     for path, layer in layer_states.items():
-      got = _block_shape(grads[path])
-      want = (layer.statistics.phi.shape, layer.statistics.psi.shape)
-      if got != want:
+      lead = leads[path]
+      got = _block_shape(_unstacked(grads[path], lead))
+      want = (layer.statistics.phi.shape[lead:], layer.statistics.psi.shape[lead:])
+      same_stack = all(jnp.shape(v)[:lead] == layer.count.shape for v in grads[path].values())
+      if got != want or not same_stack:
         raise ValueError(
             f"The gradient of layer '{_tree.path_str(path)}' has shapes "
             f"{ {k: v.shape for k, v in grads[path].items()} }, which need factors of shapes {got}, "
@@ -688,7 +816,12 @@ def scale_by_tkfac(
       offered = list(batch)
 
     dampings = {
-        path: jnp.asarray(layer_damping(layer, grads[path]), layer.damping.dtype)
+        path: jnp.broadcast_to(  # One per layer of a stack.
+            jnp.asarray(
+                layer_damping(layer, _unstacked(grads[path], leads[path])), layer.damping.dtype
+            ),
+            layer.damping.shape,
+        )
         for path, layer in layer_states.items()
     }
     refresh = functools.partial(
@@ -701,8 +834,9 @@ def scale_by_tkfac(
         mesh=mesh,
     )
     plans = refresh_plans(
-        {p: (layer.statistics.phi.shape, layer.statistics.psi.shape)
-         for p, layer in layer_states.items()}
+        {p: (layer.statistics.phi.shape[leads[p]:], layer.statistics.psi.shape[leads[p]:])
+         for p, layer in layer_states.items()},
+        {p: math.prod(layer.count.shape) for p, layer in layer_states.items()},
     )
     if plans is not None:
       slot = step % inverse_every
@@ -713,9 +847,12 @@ def scale_by_tkfac(
           # A layer's first statistics are inverted at once (by Cholesky: there is no previous
           # inverse to iterate from); then its refresh runs a block per step.
           layer = jax.lax.cond(first_seen[path], one, lambda x: x, layer)
-          layer = _schedule.step_units(
-              layer, slot, layer_plan, dampings[path], curvature=curvature,
+          units = functools.partial(
+              _schedule.step_units, slot=slot, plan=layer_plan, curvature=curvature,
               pi_damping=split_by_pi,
+          )
+          layer = _per_layer(lambda l, d: units(l, damping=d), leads[path], inverts=True)(
+              layer, dampings[path]
           )
         else:
           due = (slot == _schedule.whole_slot(layer_plan)) | first_seen[path]
@@ -732,9 +869,9 @@ def scale_by_tkfac(
         part = jax.lax.cond(due, refresh, dict, {p: layer_states[p] for p in paths})
         layer_states.update(part)
 
-    grad_blocks = {path: _augmented(block) for path, block in grads.items()}
+    grad_blocks = {path: _per_layer(_augmented, leads[path])(b) for path, b in grads.items()}
     preconditioned = {
-        path: _inverses.precondition(layer.inverses, grad_blocks[path])
+        path: _per_layer(_inverses.precondition, leads[path])(layer.inverses, grad_blocks[path])
         for path, layer in layer_states.items()
     }
     active = {path: layer.count > 0 for path, layer in layer_states.items()}
@@ -755,8 +892,12 @@ def scale_by_tkfac(
       # m, the mean eigenvalue of the preconditioned layers' blocks: the update (F + lambda)^-1 G
       # scales as 1/c when the loss is multiplied by c, sqrt(m) U does not.
       traces = [_mean_curvature(layer_states[p], curvature) for p in layer_states]
-      total = sum(jnp.where(active[p], t, 0.0) for p, (t, _) in zip(layer_states, traces))
-      size = sum(jnp.where(active[p], float(n), 0.0) for p, (_, n) in zip(layer_states, traces))
+      total = sum(
+          jnp.sum(jnp.where(active[p], t, 0.0)) for p, (t, _) in zip(layer_states, traces)
+      )
+      size = sum(
+          jnp.sum(jnp.where(active[p], float(n), 0.0)) for p, (_, n) in zip(layer_states, traces)
+      )
       mean = (total / jnp.maximum(size, 1.0)).astype(jnp.float32)
       has_curvature = mean > 0
       mean = jnp.where(has_curvature, mean, 1.0)
@@ -765,7 +906,7 @@ def scale_by_tkfac(
         # The parameters without a block get the same curvature, m (1 + damping) I.
         inv = jnp.where(has_curvature, 1.0 / (mean * (1.0 + damping)), 1.0)
         flat_updates = {
-            key: jnp.where(takes_fallback[key], u * inv, u).astype(u.dtype)
+            key: jnp.where(_broadcast(takes_fallback[key], u), u * inv, u).astype(u.dtype)
             for key, u in flat_updates.items()
         }
 
@@ -776,22 +917,19 @@ def scale_by_tkfac(
       if curvature_fallback:
         bound_size = jnp.asarray(sum(u.size for u in flat_updates.values()), jnp.float32)
       else:
-        bound_size = sum(
-            jnp.where(active[owner[key]], float(u.size), 0.0)
+        bound_size = sum(  # Per layer of a stack: its share of u.
+            jnp.sum(jnp.where(active[owner[key]], float(u.size // active[owner[key]].size), 0.0))
             for key, u in flat_updates.items() if key in owner
         )
     if kl_clip is not None:
       lr = learning_rate(step) if callable(learning_rate) else learning_rate
-      vg = sum(
-          jnp.where(active[p], jnp.sum(u * grad_blocks[p]), 0.0) for p, u in preconditioned.items()
-      )
+      vg = sum(_masked_sum(active[p], u * grad_blocks[p]) for p, u in preconditioned.items())
       if curvature_fallback:  # The fallback's parameters are inside the bound too.
         flat_grads = _tree.flatten_with_paths(updates)
         vg = vg + sum(
-            jnp.where(
+            _masked_sum(
                 takes_fallback[key],
-                jnp.sum(u.astype(jnp.float32) * flat_grads[key].astype(jnp.float32)),
-                0.0,
+                u.astype(jnp.float32) * flat_grads[key].astype(jnp.float32),
             )
             for key, u in flat_updates.items()
         )
@@ -804,14 +942,16 @@ def scale_by_tkfac(
     preconditioned = {p: u * (kl_scale * step_scale) for p, u in preconditioned.items()}
     if curvature_fallback:
       flat_updates = {
-          key: jnp.where(takes_fallback[key], u * (kl_scale * step_scale), u).astype(u.dtype)
+          key: jnp.where(
+              _broadcast(takes_fallback[key], u), u * (kl_scale * step_scale), u
+          ).astype(u.dtype)
           for key, u in flat_updates.items()
       }
 
     for path, u in preconditioned.items():
-      for name, value in _split(u, grads[path]).items():
+      for name, value in _per_layer(_split, leads[path])(u, grads[path]).items():
         key = path + (name,)
-        flat_updates[key] = jnp.where(active[path], value, flat_updates[key])
+        flat_updates[key] = jnp.where(_broadcast(active[path], value), value, flat_updates[key])
     treedef = jax.tree.structure(updates)
     new_updates = jax.tree.unflatten(treedef, list(flat_updates.values()))
     count = optax.safe_increment(step)
@@ -819,9 +959,9 @@ def scale_by_tkfac(
     # offered some has none yet (its batch was not finite); a layer that is never captured (only
     # ever skipped) does not hold the cadence back.
     counts = [layer.count for layer in layer_states.values()]
-    waiting = jnp.all(jnp.asarray([c == 0 for c in counts] or [False]))
+    waiting = jnp.all(jnp.asarray([jnp.all(c == 0) for c in counts] or [False]))
     for path in offered:
-      waiting = waiting | (layer_states[path].count == 0)
+      waiting = waiting | jnp.any(layer_states[path].count == 0)
     new_state = ScaleByTKFACState(
         count=count,
         layers=_tree.nest(layer_states),

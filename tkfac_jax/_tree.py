@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, NamedTuple
 
 from flax.core import meta
 import jax
@@ -27,9 +27,25 @@ def path_str(path: Path) -> str:
   return "/".join(str(k) for k in path) or "<root>"
 
 
+def _import_nnx():
+  """``flax.nnx``, or None where it does not import (some flax releases' NNX needs a newer jax
+  than their linen does)."""
+  try:
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return nnx
+
+
+NNX = _import_nnx()
+_BOXES = (meta.AxisMetadata,) if NNX is None else (meta.AxisMetadata, NNX.Variable)
+
+
 def is_box(x: Any) -> bool:
-  """A Flax metadata box around a parameter (``nn.with_partitioning`` gives ``nn.Partitioned``)."""
-  return isinstance(x, meta.AxisMetadata)
+  """A Flax box around a parameter: linen's metadata (``nn.with_partitioning`` gives
+  ``nn.Partitioned``), or an NNX variable (``nnx.Optimizer`` initialises its transformation with
+  the model's ``nnx.State`` of ``nnx.Param``)."""
+  return isinstance(x, _BOXES)
 
 
 def flatten_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict[Path, Any]:
@@ -71,31 +87,74 @@ def nest(flat: dict[Path, Any]) -> Any:
   return out
 
 
-def layer_nodes(params: Any) -> dict[Path, dict[str, Any]]:
+class LayerNode(NamedTuple):
+  """A parameter node that TKFAC can precondition.
+
+  Attributes:
+    params: ``{'kernel'|'embedding': ..., 'bias': ...}``.
+    lead: how many leading axes stack copies of the layer (``nn.scan``): each copy has its own
+      factors.
+  """
+
+  params: dict[str, Any]
+  lead: int = 0
+
+
+def _matches(path: Path, prefix: Path) -> bool:
+  return path[:len(prefix)] == prefix
+
+
+def layer_nodes(params: Any, stacked: dict[Path, int] | None = None) -> dict[Path, LayerNode]:
   """Finds the parameter nodes that look like a layer TKFAC can precondition.
 
   A node with a ``kernel`` of two or more dimensions (a dense layer, a convolution: its input
   side is every axis but the last) and maybe a ``bias``, or a node with a 2-D ``embedding``. The
   bias tells the output axes: they are the kernel's last ``bias.ndim`` axes (one for Dense and
   Conv; two for the query, key and value projections of attention, a DenseGeneral with
-  ``features=(heads, head_dim)``). A bias of another shape (a ConvLocal's) means the layer is not
-  one block.
-  Returns a mapping from the node's path to its ``{'kernel'|'embedding': ..., 'bias': ...}``.
+  ``features=(heads, head_dim)``). It also tells a stack of layers (``nn.scan`` over a Dense:
+  kernel ``(L, d_in, d_out)``, bias ``(L, d_out)``): leading axes that the bias shares with the
+  kernel. Where both readings fit (``L == d_in``) the layer is read as not stacked. A bias of
+  another shape (a ConvLocal's) means the layer is not one block. ``stacked`` maps path prefixes
+  to the number of leading layer axes of the layers under them, for stacks the shapes cannot tell
+  (kernels without a bias); a 3-D embedding is a stack of one axis.
+
+  Returns:
+    A mapping from the node's path to its :class:`LayerNode`.
   """
   nodes: dict[Path, dict[str, Any]] = {}
   for path, leaf in flatten_with_paths(params).items():
     if path and path[-1] in ("kernel", "bias", "embedding"):
       nodes.setdefault(path[:-1], {})[path[-1]] = leaf
 
+  def hinted(path: Path) -> int | None:
+    hits = [(len(p), n) for p, n in (stacked or {}).items() if _matches(path, p)]
+    return max(hits)[1] if hits else None
 
-  def is_layer(node) -> bool:
-    if "kernel" in node:
-      kernel = node["kernel"]
-      bias = tuple(jnp.shape(node["bias"])) if "bias" in node else None
-      bias_ok = bias is None or (
-          0 < len(bias) < jnp.ndim(kernel) and bias == tuple(kernel.shape[-len(bias):])
-      )
-      return jnp.ndim(kernel) >= 2 and bias_ok
-    return "embedding" in node and jnp.ndim(node["embedding"]) == 2
+  def lead_axes(path: Path, node) -> int | None:
+    """The node's stacked axes, or ``None`` if it is not a layer."""
+    hint = hinted(path)
+    if "kernel" not in node:
+      if "embedding" not in node:
+        return None
+      lead = jnp.ndim(node["embedding"]) - 2
+      return lead if lead >= 0 and hint in (None, lead) else None
+    kernel = tuple(jnp.shape(node["kernel"]))
+    leads = [hint] if hint is not None else list(range(len(kernel) - 1))
+    if "bias" not in node:
+      lead = leads[0]
+      return lead if len(kernel) - lead >= 2 else None
+    bias = tuple(jnp.shape(node["bias"]))
+    for lead in leads:
+      out = len(bias) - lead
+      if out >= 1 and len(kernel) - lead - out >= 1 and (
+          bias == kernel[:lead] + kernel[len(kernel) - out:]
+      ):
+        return lead
+    return None
 
-  return {path: node for path, node in nodes.items() if is_layer(node)}
+  found = {}
+  for path, node in nodes.items():
+    lead = lead_axes(path, node)
+    if lead is not None:
+      found[path] = LayerNode(node, lead)
+  return found
