@@ -40,7 +40,24 @@ class _Conv(nn.Module):
     return nn.Dense(3)(x.reshape(x.shape[0], -1))
 
 
-_MODELS = {"dense": (_Dense(), (4,)), "conv": (_Conv(), (4, 4, 2))}
+class _ScanBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return nn.tanh(nn.Dense(6)(x)), None
+
+
+class _Scan(nn.Module):
+  """A stack of three Dense layers under nn.scan: one set of factors per layer of the stack."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(6)(x)
+    blocks = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    x, _ = blocks()(x, None)
+    return nn.Dense(3)(x)
+
+
+_MODELS = {"dense": (_Dense(), (4,)), "conv": (_Conv(), (4, 4, 2)), "scan": (_Scan(), (4,))}
 
 
 @functools.cache
@@ -121,7 +138,8 @@ def _assert_same_run(actual, expected, start, detect_twice=None):
 
 # Dense on Explicit axes is covered by the inverse-spreading test below.
 @pytest.mark.parametrize(
-    "name, axis_type", [("dense", "Auto"), ("conv", "Auto"), ("conv", "Explicit")]
+    "name, axis_type",
+    [("dense", "Auto"), ("conv", "Auto"), ("conv", "Explicit"), ("scan", "Explicit")],
 )
 def test_sharded_jit_equals_one_device(name, axis_type):
   """Batch sharded over a ``data`` axis, parameters replicated: the unchanged train step gives the
@@ -241,7 +259,9 @@ def test_with_partitioning_is_captured_and_preconditioned_on_a_mesh():
 
 
 @pytest.mark.parametrize(
-    "name, how", [("dense", "explicit_set_mesh"), ("dense", "mesh_argument"), ("dense", "shard_map")]
+    "name, how",
+    [("dense", "explicit_set_mesh"), ("dense", "mesh_argument"), ("dense", "shard_map"),
+     ("scan", "shard_map")],
 )
 def test_spread_inverses_equal_replicated_inverses(name, how):
   """``inverse_axis='data'``: each device inverts only its layers and shares them; training

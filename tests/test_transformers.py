@@ -1,9 +1,10 @@
-"""Transformer stacks: attention projections, nn.remat and jax.checkpoint captured (the same
-statistics and updates as the plain model), nn.cond captured (the branch that ran), nn.scan and
-nn.vmap stacks reported and warned, a per-example jax.vmap an error that says what to do.
+"""Transformer stacks: attention projections, nn.remat, jax.checkpoint and nn.scan captured (the
+same statistics and updates as the plain model), nn.cond captured (the branch that ran), nn.vmap
+stacks reported and warned, a per-example jax.vmap an error that says what to do.
 
-The reference for a rematerialised model is the same model without remat, with the same weights:
-remat changes when activations are computed, never what they are.
+The reference for a rematerialised or scanned model is the same model unrolled, with the same
+weights: remat changes when activations are computed, never what they are, and a scan over
+stacked weights computes what the loop over its layers does.
 """
 
 import warnings
@@ -36,15 +37,16 @@ class Block(nn.Module):
 class LM(nn.Module):
   """A tiny decoder-only LM; ``stack`` says how its blocks are built."""
 
-  stack: str = "unrolled"  # "unrolled", "remat" or "scan".
+  stack: str = "unrolled"  # "unrolled", "remat", "scan" or "scan+remat".
 
   @nn.compact
   def __call__(self, tokens):
     x = nn.Embed(VOCAB, WIDTH, name="embed")(tokens)
     x = x + self.param("position", nn.initializers.normal(0.1), (LENGTH, WIDTH))[None]
-    if self.stack == "scan":
+    if self.stack.startswith("scan"):
       blocks = nn.scan(
-          Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=DEPTH
+          nn.remat(Block) if self.stack == "scan+remat" else Block,
+          variable_axes={"params": 0}, split_rngs={"params": True}, length=DEPTH,
       )
       x, _ = blocks(name="blocks")(x, None)
     else:
@@ -80,10 +82,10 @@ def _flat(tree):
   }
 
 
-def _step(loss, curvature="tkfac"):
+def _step(loss, curvature="tkfac", params=PARAMS, **options):
   """Statistics and the first two updates of ``tkfac`` (the second with the refreshed inverses
   of the first step's statistics)."""
-  tx = tkfac_jax.tkfac(0.1, curvature=curvature, stats_every=1, inverse_every=1)
+  tx = tkfac_jax.tkfac(0.1, curvature=curvature, stats_every=1, inverse_every=1, **options)
 
   @jax.jit
   def step(params, opt_state, tokens):
@@ -91,7 +93,7 @@ def _step(loss, curvature="tkfac"):
     updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
     return optax.apply_updates(params, updates), opt_state, stats, updates
 
-  params, state, stats, _ = step(PARAMS, tx.init(PARAMS), TOKENS)
+  params, state, stats, _ = step(params, tx.init(params), TOKENS)
   _, _, _, updates = step(params, state, TOKENS)
   return stats, updates
 
@@ -173,25 +175,45 @@ class _Residual(nn.Module):
     return x + nn.Dense(64, name="down")(nn.tanh(nn.Dense(256, name="up")(x)))
 
 
-def test_scan_stack_is_reported_and_warned():
-  """Never silent: layers of an nn.scan stack (stacked kernels) are in stats.skipped with the
-  reason, and the optimizer warns that they take the fallback."""
-  model = LM("scan")
-  params = model.init(jax.random.key(0), TOKENS[:, :-1])["params"]
-  _, grads, stats = jax.jit(tkfac_jax.value_grad_and_stats(_loss(model)))(params, TOKENS)
-  skipped = dict(stats.skipped)
-  scanned = [f"blocks/{name}" for name in
-             ("attention/query", "attention/key", "attention/value", "attention/out", "up", "down")]
-  assert sorted(skipped) == sorted(scanned)
-  assert all("nn.scan" in reason and "(2,)" in reason for reason in skipped.values())
-  assert sorted(_flat(stats.layers)) == ["embed", "head"]
-  tx = tkfac_jax.tkfac(0.1)
-  with pytest.warns(UserWarning) as record:  # At trace time.
-    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, stats=stats)
-  warned = " ".join(str(w.message) for w in record)
-  for name in scanned:
-    assert f"Layer '{name}' is not preconditioned" in warned
-  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+def _stacked(tree, name="blocks"):
+  """An unrolled model's ``block_i`` entries stacked along a leading axis, as nn.scan holds them."""
+  blocks = [tree[f"block_{i}"] for i in range(DEPTH)]
+  out = {k: v for k, v in tree.items() if not k.startswith("block_")}
+  out[name] = jax.tree.map(lambda *x: jnp.stack(x), *blocks)
+  return out
+
+
+def _unstacked(tree, name="blocks"):
+  """The inverse of :func:`_stacked`."""
+  out = {k: v for k, v in tree.items() if k != name}
+  for i in range(DEPTH):
+    out[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], tree[name])
+  return out
+
+
+@pytest.mark.parametrize("curvature", ["tkfac", "kfac"])
+@pytest.mark.parametrize("stack", ["scan", "scan+remat"])
+def test_scanned_stack_gives_the_unrolled_statistics_and_updates(unrolled, stack, curvature):
+  """An nn.scan stack (alone, and over nn.remat blocks) with the unrolled model's weights stacked:
+  every layer of the stack has its own statistics, which are the unrolled layer's, and its own
+  factors, whose first two updates are the unrolled layer's. Nothing is skipped."""
+  stats, updates = _step(_loss(LM(stack)), curvature, params=_stacked(PARAMS))
+  want_stats, want_updates = unrolled[curvature]
+  assert stats.skipped == ()
+  got = _flat(stats.layers)
+  want = _flat(want_stats.layers)
+  per_layer = ("attention/query", "attention/key", "attention/value", "attention/out", "up",
+               "down")
+  assert sorted(got) == sorted(["embed", "head"] + [f"blocks/{n}" for n in per_layer])
+  for name in per_layer:
+    assert got[f"blocks/{name}"].delta.shape == (DEPTH,)
+    for i in range(DEPTH):
+      for field in ("phi", "psi", "delta"):
+        references.assert_close(
+            getattr(got[f"blocks/{name}"], field)[i], getattr(want[f"block_{i}/{name}"], field),
+            references.SAME_MATHS, err_msg=f"blocks/{name}[{i}].{field}",
+        )
+  references.assert_trees_close(_unstacked(updates), want_updates, references.REFERENCE)
 
 
 def test_per_example_vmap_names_the_library_and_the_fix():
