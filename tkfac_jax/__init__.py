@@ -19,6 +19,17 @@ from tkfac_jax._transform import stats_due
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+  # tkfac_jax.nnx imports flax.nnx, which some flax releases cannot import with an older jax:
+  # loaded on first use, so that the linen API never depends on it.
+  if name == "nnx":
+    import importlib  # pylint: disable=g-import-not-at-top
+
+    return importlib.import_module("tkfac_jax.nnx")
+  raise AttributeError(f"module 'tkfac_jax' has no attribute {name!r}")
+
+
 __all__ = (
     "DampedInverses",
     "LayerState",
@@ -29,6 +40,7 @@ __all__ = (
     "TrainState",
     "diagnostics",
     "multi_steps",
+    "nnx",
     "scale_by_tkfac",
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",

@@ -462,7 +462,7 @@ def value_grad_and_stats(
   whose kernel (or embedding) belongs to the differentiated argument(s) is captured, so the
   statistics line up with the ``params`` tree however deeply it is nested. Layers under
   ``nn.remat`` or a ``jax.checkpoint`` are captured too, without keeping the activations that
-  remat drops.
+  remat drops. For a Flax NNX model, use :func:`tkfac_jax.nnx.value_grad_and_stats`.
 
   How: each differentiated layer node (a dict holding a ``kernel`` or ``embedding``) gets an extra
   entry, ``'tkfac_statistics'``, that rides through the model beside the kernel; a method
