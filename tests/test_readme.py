@@ -26,16 +26,22 @@ def test_quickstart_runs_and_trains(tmp_path, capsys):
   assert losses[-1] < 0.55 * losses[0]
 
 
-def test_transformer_example_runs_and_trains(tmp_path, capsys):
-  """The README's transformer block runs unchanged with warnings as errors (every kernel is
-  preconditioned), and its loss falls as it says."""
-  block = next(b for b in _blocks("python") if "MultiHeadDotProductAttention" in b)
-  script = tmp_path / "transformer.py"
+def _run_block(marker, tmp_path, capsys):
+  """Runs the README's Python block that contains ``marker``, unchanged, with warnings as errors
+  (a layer that takes the fallback warns), and returns the losses it printed."""
+  block = next(b for b in _blocks("python") if marker in b)
+  script = tmp_path / "example.py"
   script.write_text(block)
   with warnings.catch_warnings():
     warnings.simplefilter("error", UserWarning)
     runpy.run_path(str(script), run_name="__main__")
-  losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", capsys.readouterr().out)]
+  return [float(v) for v in re.findall(r"loss (\d+\.\d+)", capsys.readouterr().out)]
+
+
+def test_transformer_example_runs_and_trains(tmp_path, capsys):
+  """The README's transformer block runs unchanged with warnings as errors (every kernel is
+  preconditioned), and its loss falls as it says."""
+  losses = _run_block("MultiHeadDotProductAttention", tmp_path, capsys)
   assert len(losses) == 4
   # The README says 6.04 -> 0.0008 at step 60.
   assert losses[-1] < 0.01 * losses[0]
@@ -46,13 +52,7 @@ def test_nnx_quickstart_runs_and_trains(tmp_path, capsys):
   nnx = pytest.importorskip("flax.nnx", exc_type=ImportError)
   if not hasattr(nnx, "iter_modules"):
     pytest.skip("tkfac_jax.nnx needs flax >= 0.12")
-  block = next(b for b in _blocks("python") if "nnx.Optimizer" in b)
-  script = tmp_path / "nnx_quickstart.py"
-  script.write_text(block)
-  with warnings.catch_warnings():
-    warnings.simplefilter("error", UserWarning)
-    runpy.run_path(str(script), run_name="__main__")
-  losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", capsys.readouterr().out)]
+  losses = _run_block("nnx.Optimizer", tmp_path, capsys)
   assert len(losses) == 5
   # The README says 2.52 -> 1.17; Adam (1e-3) in the same loop reaches 1.92.
   assert losses[-1] < 0.55 * losses[0]

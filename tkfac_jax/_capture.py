@@ -224,49 +224,111 @@ def _input_reader(
   only the input the layer already had, and never builds a convolution's patches.
   """
   if isinstance(module, nn.Embed):
-    batch = _batch_size(module_path, x, 1)
-    return "embed", lambda x: x.reshape(batch, -1)
+    return _embed_reader(module_path, x)
   if isinstance(module, nn.Conv):
-    spatial = len(_tuple(module.kernel_size))
-    if jnp.ndim(x) != spatial + 2:
-      raise ValueError(
-          f"Conv layer '{module_path}' got an input of shape {jnp.shape(x)}; curvature "
-          f"statistics need exactly one batch axis before its {spatial} spatial axes and "
-          "channels."
-      )
-    # The module's own convolution with a one-hot kernel yields the patches in exactly the
-    # layout of its kernel (spatial taps, then input channels), whatever the padding mode.
     # HIGHEST precision: the patches must be copies of the inputs, not TF32/bfloat16 roundings.
-    taps = kernel.size // kernel.shape[-1]
-    kernel_shape = kernel.shape[:-1] + (taps,)
-    extractor = module.clone(
+    extractor = lambda taps: module.clone(  # noqa: E731
         parent=None, features=taps, use_bias=False, precision=jax.lax.Precision.HIGHEST
     )
-
-    def patches(x):
-      one_hot = jnp.eye(taps, dtype=x.dtype).reshape(kernel_shape)
-      out = extractor.apply({"params": {"kernel": one_hot}}, x)
-      return out.reshape(x.shape[0], -1, taps)
-
-    return "dense", patches
+    return _conv_reader(module_path, x, kernel, len(_tuple(module.kernel_size)), extractor)
   if isinstance(module, nn.DenseGeneral):
-    batch = _batch_size(module_path, x, 2)
-    # Flax sorts `axis`: the kernel's input axes are in the input's order.
-    axes = tuple(sorted(a % x.ndim for a in _tuple(module.axis)))
-    if 0 in axes:
-      raise ValueError(
-          f"DenseGeneral layer '{module_path}' contracts the leading (batch) axis of its input; "
-          "curvature statistics need axis 0 to be the batch."
-      )
     d_in = kernel.size // math.prod(_tuple(module.features))
+    return _general_reader("DenseGeneral", module_path, x, _tuple(module.axis), d_in)
+  return _dense_reader(module_path, x)
 
-    def moved(x):
-      x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
-      return x.reshape(batch, -1, d_in)
 
-    return "dense", moved
+def _embed_reader(module_path: str, x: jax.Array):
+  batch = _batch_size(module_path, x, 1)
+  return "embed", lambda x: x.reshape(batch, -1)
+
+
+def _dense_reader(module_path: str, x: jax.Array):
   batch = _batch_size(module_path, x, 2)
   return "dense", lambda x: x.reshape(batch, -1, x.shape[-1])
+
+
+def _conv_reader(module_path: str, x: jax.Array, kernel: jax.Array, spatial: int, extractor):
+  """A convolution's reader: ``extractor(taps)`` is a linen convolution with the layer's strides,
+  padding and dilations and ``taps`` output features, applied to the input with a one-hot kernel,
+  which yields the patches in exactly the layout of the layer's kernel (spatial taps, then input
+  channels), whatever the padding mode."""
+  if jnp.ndim(x) != spatial + 2:
+    raise ValueError(
+        f"Conv layer '{module_path}' got an input of shape {jnp.shape(x)}; curvature "
+        f"statistics need exactly one batch axis before its {spatial} spatial axes and "
+        "channels."
+    )
+  taps = kernel.size // kernel.shape[-1]
+  kernel_shape = kernel.shape[:-1] + (taps,)
+  conv = extractor(taps)
+
+  def patches(x):
+    one_hot = jnp.eye(taps, dtype=x.dtype).reshape(kernel_shape)
+    out = conv.apply({"params": {"kernel": one_hot}}, x)
+    return out.reshape(x.shape[0], -1, taps)
+
+  return "dense", patches
+
+
+def _general_reader(name: str, module_path: str, x: jax.Array, axis: Sequence[int], d_in: int):
+  """The reader of a layer that contracts the input axes ``axis`` (``name``: its class)."""
+  batch = _batch_size(module_path, x, 2)
+  # Flax sorts `axis`: the kernel's input axes are in the input's order.
+  axes = tuple(sorted(a % x.ndim for a in axis))
+  if 0 in axes:
+    raise ValueError(
+        f"{name} layer '{module_path}' contracts the leading (batch) axis of its input; "
+        "curvature statistics need axis 0 to be the batch."
+    )
+
+  def moved(x):
+    x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
+    return x.reshape(batch, -1, d_in)
+
+  return "dense", moved
+
+
+def _per_example_error(function: str, module_path: str) -> ValueError:
+  return ValueError(
+      f"{function}: layer '{module_path}' is applied under jax.vmap (or a Flax vmap) over its "
+      "inputs, with parameters shared across the map, as when the model is called on one "
+      "example at a time. Curvature statistics need per-example output gradients: apply the "
+      "model to the whole batch, with the batch as the leading axis of its inputs, and keep "
+      "jax.vmap out of the loss."
+  )
+
+
+def _describer(kind, reader, out_size, use_bias, num_embeddings, curvature):
+  """``describe(x, g)`` of a layer call's tap: its statistics (in a :class:`_Slot`) from the
+  recorded input and the output gradient of the mean loss."""
+
+  def describe(x, g):
+    a = reader(x)
+    batch, locations = a.shape[:2]
+    # g is dL/dy of the mean loss; per-example output gradients are B times it.
+    g = g.reshape(batch, -1, out_size) * batch
+    # K-FAC's 1/T is applied once all calls are summed: each call counts its locations, so
+    # that a call traced twice (nn.scan's body is) but run once counts once.
+    if kind == "embed":
+      stats = _statistics.embedding_statistics(a, g, num_embeddings, curvature, locations=1)
+    else:
+      a = _statistics.homogeneous(a) if use_bias else a
+      stats = _statistics.dense_statistics(a, g, curvature, locations=1)
+    return _Slot(stats, jnp.asarray(locations, jnp.float32))
+
+  return describe
+
+
+def _finish(filled: dict, curvature: str, axes) -> dict:
+  """The statistics from the filled slots (``{path: _Slot}``): K-FAC's 1/T over all of a
+  layer's calls, and the average over the shards."""
+  stats = {path: slot.statistics for path, slot in filled.items()}
+  if curvature == "kfac":
+    stats = {
+        path: s._replace(psi=s.psi / jnp.maximum(filled[path].locations, 1)[..., None, None])
+        for path, s in stats.items()
+    }
+  return jax.lax.pmean(stats, axes) if axes else stats
 
 
 def _finder(layer_paths, stored, found, skipped):
@@ -297,13 +359,7 @@ def _finder(layer_paths, stored, found, skipped):
       return next_fun(*args, **kwargs)
     x = _layer_input(args, kwargs)
     if _is_batched(x) and not _is_batched(kernel):
-      raise ValueError(
-          f"tkfac_jax.value_grad_and_stats: layer '{module_path}' is applied under jax.vmap "
-          "(or nn.vmap) over its inputs, with parameters shared across the map, as when the "
-          "model is called on one example at a time. Curvature statistics need per-example "
-          "output gradients: apply the model to the whole batch, with the batch as the leading "
-          "axis of its inputs, and keep jax.vmap out of the loss."
-      )
+      raise _per_example_error("tkfac_jax.value_grad_and_stats", module_path)
     kind, reader = _input_reader(module, module_path, kernel, x)
     outputs = next_fun(*args, **kwargs)
     found.setdefault(path, []).append(
@@ -338,21 +394,7 @@ def _tapper(due, curvature):
     out_size = _out_size(module, outputs)
     use_bias = bool(getattr(module, "use_bias", False))
     num_embeddings = int(getattr(module, "num_embeddings", 0))
-
-    def describe(x, g):
-      a = reader(x)
-      batch, locations = a.shape[:2]
-      # g is dL/dy of the mean loss; per-example output gradients are B times it.
-      g = g.reshape(batch, -1, out_size) * batch
-      # K-FAC's 1/T is applied once all calls are summed: each call counts its locations, so
-      # that a call traced twice (nn.scan's body is) but run once counts once.
-      if kind == "embed":
-        stats = _statistics.embedding_statistics(a, g, num_embeddings, curvature, locations=1)
-      else:
-        a = _statistics.homogeneous(a) if use_bias else a
-        stats = _statistics.dense_statistics(a, g, curvature, locations=1)
-      return _Slot(stats, jnp.asarray(locations, jnp.float32))
-
+    describe = _describer(kind, reader, out_size, use_bias, num_embeddings, curvature)
     return _tap(outputs, x, slot, due, describe)
 
   return intercept
@@ -618,16 +660,7 @@ def value_grad_and_stats(
         )
     slots = {path: _zero_statistics(calls, axes) for path, calls in captured.items()}
 
-    def finish(filled):
-      """The statistics from the filled slots: K-FAC's 1/T over all of a layer's calls, and the
-      average over the shards."""
-      stats = {path: slot.statistics for path, slot in filled.items()}
-      if curvature == "kfac":
-        stats = {
-            path: s._replace(psi=s.psi / jnp.maximum(filled[path].locations, 1)[..., None, None])
-            for path, s in stats.items()
-        }
-      return jax.lax.pmean(stats, axes) if axes else stats
+    finish = functools.partial(_finish, curvature=curvature, axes=axes)
 
     def zeros(_=None):
       """What ``finish`` returns, where statistics are not due: zeros that cost nothing."""

@@ -97,7 +97,7 @@ def multi_steps(
         continue
       # pylint: disable=protected-access
       phi_shape, psi_shape = _transform._block_shape(_transform._unstacked(node.params, node.lead))
-      stack = tuple(jnp.shape(next(iter(node.params.values())))[:node.lead])
+      stack = node.stack
       sums[path] = _statistics.LayerStatistics(
           phi=jnp.zeros(stack + phi_shape, jnp.float32),
           psi=jnp.zeros(stack + psi_shape, jnp.float32),

@@ -639,10 +639,7 @@ def scale_by_tkfac(
     layer_states = {}
     nodes = find_layers(params)
     shapes = {path: _block_shape(_unstacked(n.params, n.lead)) for path, n in nodes.items()}
-    stacks = {
-        path: tuple(jnp.shape(next(iter(n.params.values())))[:n.lead])
-        for path, n in nodes.items()
-    }
+    stacks = {path: n.stack for path, n in nodes.items()}
     plans = refresh_plans(shapes, {p: math.prod(s) for p, s in stacks.items()}) or {}
     for path, (phi_shape, psi_shape) in shapes.items():
       eye_phi = jnp.ones(phi_shape, dtype) if len(phi_shape) == 1 else jnp.eye(*phi_shape, dtype=dtype)

@@ -99,6 +99,11 @@ class LayerNode(NamedTuple):
   params: dict[str, Any]
   lead: int = 0
 
+  @property
+  def stack(self) -> tuple[int, ...]:
+    """The stack's shape: the leading ``lead`` axes of the layer's parameters."""
+    return tuple(jnp.shape(next(iter(self.params.values())))[:self.lead])
+
 
 def _matches(path: Path, prefix: Path) -> bool:
   return path[:len(prefix)] == prefix

@@ -87,51 +87,26 @@ def _unsupported(module: nnx.Module) -> str | None:
 
 
 def _input_reader(module: nnx.Module, module_path: str, kernel: jax.Array, x: jax.Array):
-  """The layer's kind, and a function from its input to ``[B, T, d_in]`` (token ids for Embed),
-  as in the linen capture."""
+  """The layer's kind, and a function from its input to ``[B, T, d_in]`` (token ids for Embed):
+  the linen capture's readers, given the NNX layer's settings."""
   if isinstance(module, nnx.Embed):
-    batch = _capture._batch_size(module_path, x, 1)  # pylint: disable=protected-access
-    return "embed", lambda x: x.reshape(batch, -1)
+    return _capture._embed_reader(module_path, x)  # pylint: disable=protected-access
   if isinstance(module, nnx.Conv):
-    spatial = len(module.kernel_size)
-    if jnp.ndim(x) != spatial + 2:
-      raise ValueError(
-          f"Conv layer '{module_path}' got an input of shape {jnp.shape(x)}; curvature "
-          f"statistics need exactly one batch axis before its {spatial} spatial axes and "
-          "channels."
-      )
-    # The same convolution with a one-hot kernel yields the patches in the kernel's layout
-    # (linen's Conv shares NNX's padding and dilation conventions).
-    taps = kernel.size // kernel.shape[-1]
-    extractor = nn.Conv(
+    # linen's Conv shares NNX's padding and dilation conventions.
+    extractor = lambda taps: nn.Conv(  # noqa: E731
         features=taps, kernel_size=tuple(module.kernel_size), strides=module.strides,
         padding=module.padding, input_dilation=module.input_dilation,
         kernel_dilation=module.kernel_dilation, use_bias=False,
         precision=jax.lax.Precision.HIGHEST,
     )
-
-    def patches(x):
-      one_hot = jnp.eye(taps, dtype=x.dtype).reshape(kernel.shape[:-1] + (taps,))
-      out = extractor.apply({"params": {"kernel": one_hot}}, x)
-      return out.reshape(x.shape[0], -1, taps)
-
-    return "dense", patches
-  batch = _capture._batch_size(module_path, x, 2)  # pylint: disable=protected-access
+    return _capture._conv_reader(  # pylint: disable=protected-access
+        module_path, x, kernel, len(module.kernel_size), extractor
+    )
   if isinstance(module, nnx.LinearGeneral):
-    axes = tuple(sorted(a % x.ndim for a in module.axis))
-    if 0 in axes:
-      raise ValueError(
-          f"LinearGeneral layer '{module_path}' contracts the leading (batch) axis of its input; "
-          "curvature statistics need axis 0 to be the batch."
-      )
-    d_in = math.prod(module.in_features)
-
-    def moved(x):
-      x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
-      return x.reshape(batch, -1, d_in)
-
-    return "dense", moved
-  return "dense", lambda x: x.reshape(batch, -1, x.shape[-1])
+    return _capture._general_reader(  # pylint: disable=protected-access
+        "LinearGeneral", module_path, x, module.axis, math.prod(module.in_features)
+    )
+  return _capture._dense_reader(module_path, x)  # pylint: disable=protected-access
 
 
 @contextlib.contextmanager
@@ -283,12 +258,8 @@ def value_grad_and_stats(
         return call(*args, **kwargs)
       x = _capture._layer_input(args, kwargs)  # pylint: disable=protected-access
       if _capture._is_batched(x) and not _capture._is_batched(kernel):  # pylint: disable=protected-access
-        raise ValueError(
-            f"tkfac_jax.nnx.value_grad_and_stats: layer '{module_path}' is applied under "
-            "jax.vmap (or nnx.vmap) over its inputs, with parameters shared across the map, as "
-            "when the model is called on one example at a time. Curvature statistics need "
-            "per-example output gradients: apply the model to the whole batch, with the batch as "
-            "the leading axis of its inputs, and keep jax.vmap out of the loss."
+        raise _capture._per_example_error(  # pylint: disable=protected-access
+            "tkfac_jax.nnx.value_grad_and_stats", module_path
         )
       kind, reader = _input_reader(module, module_path, kernel, x)
       outputs = call(*args, **kwargs)
@@ -342,25 +313,13 @@ def value_grad_and_stats(
       kind, reader = _input_reader(module, module_path, _value(getattr(module, _param_name(module))), x)
       outputs = call(*args, **kwargs)
       out_size = math.prod(outputs.shape[outputs.ndim - _output_axes(module):])
-      use_bias = bool(getattr(module, "use_bias", False))
-      num_embeddings = int(getattr(module, "num_embeddings", 0))
-      size = slot.shape[-1]
+      describe_slot = _capture._describer(  # pylint: disable=protected-access
+          kind, reader, out_size, bool(getattr(module, "use_bias", False)),
+          int(getattr(module, "num_embeddings", 0)), curvature,
+      )
 
-      def describe(x, g):
-        a = reader(x)
-        batch, locations = a.shape[:2]
-        g = g.reshape(batch, -1, out_size) * batch
-        if kind == "embed":
-          stats = _statistics.embedding_statistics(a, g, num_embeddings, curvature, locations=1)
-        else:
-          a = _statistics.homogeneous(a) if use_bias else a
-          stats = _statistics.dense_statistics(a, g, curvature, locations=1)
-        flat = jnp.concatenate(
-            [jnp.ravel(v) for v in jax.tree.leaves(
-                _capture._Slot(stats, jnp.asarray(locations, jnp.float32)))]  # pylint: disable=protected-access
-        )
-        assert flat.shape == (size,), (flat.shape, size)
-        return flat
+      def describe(x, g):  # The slot is flat: its statistics, ravelled.
+        return jax.flatten_util.ravel_pytree(describe_slot(x, g))[0]
 
       return _capture._tap(  # pylint: disable=protected-access
           outputs, x, slot, jnp.ones((), bool) if due is None else due, describe
@@ -370,17 +329,9 @@ def value_grad_and_stats(
         lambda p, s, r: run(p, s, r, tapper), argnums=(0, 1), has_aux=True
     )(params, slots, rest)
 
-    def finish(filled):
-      out = {}
-      for path, flat in filled.items():
-        slot = unravel[path](flat)
-        stats = slot.statistics
-        if curvature == "kfac":
-          stats = stats._replace(psi=stats.psi / jnp.maximum(slot.locations, 1)[..., None, None])
-        out[path] = stats
-      return jax.lax.pmean(out, axes) if axes else out
-
-    stats = finish(filled)
+    stats = _capture._finish(  # pylint: disable=protected-access
+        {path: unravel[path](flat) for path, flat in filled.items()}, curvature, axes
+    )
     if axes:
       loss, grads = jax.lax.pmean((loss, grads), axes)
     nnx.update(model, new_rest)
