@@ -325,6 +325,8 @@ def test_zero_damping_with_a_rank_deficient_batch_stays_finite(setup):
         ({"decay": 1.0}, "decay"),
         ({"decay": 1.5}, "decay"),
         ({"decay": -0.1}, "decay"),
+        ({"curvature_floor": -1e-4}, "curvature_floor"),
+        ({"curvature_floor": 2.0}, "curvature_floor"),
         ({"inverse_every": 0}, "inverse_every"),
         ({"inverse_every": 2.5}, "inverse_every"),
         ({"kl_clip": 1e-3}, "kl_clip"),  # Without learning_rate.
@@ -342,6 +344,7 @@ def test_bad_hyperparameters_raise_naming_the_argument(kwargs, name):
     [
         ({"damping": -1.0}, "damping"),
         ({"decay": 1.0}, "decay"),
+        ({"curvature_floor": -1.0}, "curvature_floor"),
         ({"inverse_every": 0}, "inverse_every"),
         ({"kl_clip": 0.0}, "kl_clip"),
     ],

@@ -187,6 +187,62 @@ def test_a_loss_summed_over_positions_trains_with_the_defaults():
   assert not np.mean(paper[-5:]) < 0.5 * np.mean(paper[:5]), paper
 
 
+class _Memoriser(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(32)(x))
+    x = nn.relu(nn.Dense(32)(x))
+    return nn.Dense(4)(x)
+
+
+def _memorise(steps=8000, **options):
+  """The training losses and update norms of ``tkfac(0.3)`` (the defaults otherwise) fitting 64
+  random labels with batches of 32 until the loss is zero, and whether the parameters stay
+  finite. One ``lax.scan``: one compile for all the steps."""
+  model = _Memoriser()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((64, 8)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 4, 64))
+  params = model.init(jax.random.key(0), x)["params"]
+  tx = tkfac_jax.tkfac(0.3, **options)
+
+  def loss(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
+
+  def step(carry, i):
+    p, state = carry
+    batch = jax.random.permutation(jax.random.fold_in(jax.random.key(1), i), 64)[:32]
+    value, grads, stats = tkfac_jax.value_grad_and_stats(loss)(
+        p, x[batch], y[batch], stats_due=tkfac_jax.stats_due(state))
+    updates, state = tx.update(grads, state, p, stats=stats)
+    norm = jnp.sqrt(sum(jnp.sum(u**2) for u in jax.tree.leaves(updates)))
+    return (optax.apply_updates(p, updates), state), (value, norm)
+
+  run = jax.jit(lambda p, s: jax.lax.scan(step, (p, s), jnp.arange(steps)))
+  (p, _), (values, norms) = run(params, tx.init(params))
+  finite = all(bool(np.isfinite(leaf).all()) for leaf in jax.tree.leaves(p))
+  return np.asarray(values), np.asarray(norms), finite
+
+
+def test_a_training_loss_that_reaches_zero_does_not_blow_up_the_step():
+  """A network that fits its training set drives the empirical Fisher to zero with the loss. With
+  the default ``curvature_floor`` the damping and the step stop following it down: the steps
+  shrink with the gradient and the parameters stay finite.
+
+  Measured: the defaults' largest update falls from 0.0028 (steps 1000-2000) to 0.0002 (the last
+  1000 steps); with ``curvature_floor=0`` the inverses grow as the curvature vanishes and the
+  parameters are NaN by step ~5000 (``tkfac``; K-FAC's loss reached 1e22).
+  """
+  values, norms, finite = _memorise()
+  assert finite
+  assert values[-1000:].max() < 1e-5  # Memorised.
+  early, late = norms[1000:2000].max(), norms[-1000:].max()
+  assert late < 0.5 * early, (early, late)
+  # Sanity: without the floor the same run blows up, so the checks above can fail.
+  values, norms, finite = _memorise(curvature_floor=0.0)
+  assert not (finite and np.isfinite(norms).all() and norms[-1000:].max() < 0.5 * norms[1000:2000].max())
+
+
 def test_scale_invariant_must_be_a_bool():
   """A string or None (which would read as true or false) is refused, naming the argument."""
   for bad in ("yes", None, 1):

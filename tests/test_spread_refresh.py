@@ -48,6 +48,7 @@ def _layer(phi, psi, previous_phi, previous_psi):
       inverses=_inverses.DampedInverses(phi=jnp.asarray(previous_phi, dtype),
                                         psi=jnp.asarray(previous_psi, dtype)),
       damping=jnp.ones((), dtype),
+      peak=jnp.ones((), dtype),
       work=_schedule.empty_work(phi.shape, psi.shape, dtype),
   )
 

@@ -512,6 +512,61 @@ def _first_update(grads, params, stats, damping, curvature, pi_damping, scale_in
   return updates
 
 
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_vanished_curvature_is_floored(curvature):
+  """Truth 4 once the curvature has vanished: the damping and the step's scale use at least
+  ``curvature_floor`` times each block's largest trace so far.
+
+  Two updates on the same batch, the second with the loss times 1e-4 (its Fisher 1e-8 times the
+  first's), no averaging (``decay=0``), inverses refreshed on each step by Cholesky. With
+  ``curvature_floor=1e-3`` the second update is ``sqrt(m) solve(kron(Psi_hat, Phi_hat), vec(G))``
+  with the second batch's factors, ``lambda_l = damping * 1e-3 * m_l(first batch)`` and ``m`` the
+  floored traces' mean, built explicitly.
+  """
+  floor, small, damping = 1e-3, 1e-4, 0.1
+  case, ref = _case("mlp"), _reference("mlp")
+  _, grads, stats = _captured("mlp", 7, curvature)
+
+  def small_loss(params, *batch):
+    return small * case.batch_loss(params, *batch)
+
+  capture = tkfac_jax.value_grad_and_stats(small_loss, curvature=curvature)
+  _, small_grads, small_stats = jax.jit(capture)(case.params, *case.batch)
+
+  @jax.jit
+  def second_update(params, grads, stats, small_grads, small_stats):
+    tx = tkfac_jax.scale_by_tkfac(
+        damping, decay=0.0, stats_every=1, inverse_every=1, inverse_method="cholesky",
+        curvature=curvature, curvature_floor=floor,
+    )
+    _, state = tx.update(grads, tx.init(params), params, stats=stats)
+    updates, _ = tx.update(small_grads, state, params, stats=small_stats)
+    return updates
+
+  updates = second_update(case.params, grads, stats, small_grads, small_stats)
+  first = {l: _scaled_factors(a, ref.g[l], curvature) for l, a in ref.a.items()}
+  second = {l: _scaled_factors(a, small * ref.g[l], curvature) for l, a in ref.a.items()}
+  trace = lambda phi, psi: np.trace(phi) * np.trace(psi)  # noqa: E731
+  for layer in ref.a:  # The floor binds.
+    assert trace(*second[layer]) < 1e-2 * floor * trace(*first[layer])
+  sizes = sum(len(phi) * len(psi) for phi, psi in first.values())
+  scale = np.sqrt(floor * sum(trace(*f) for f in first.values()) / sizes)
+  for layer, a in ref.a.items():
+    lam = damping * floor * _mean_eigenvalue(*first[layer])
+    phi_hat, psi_hat = _damped_factors(a, small * ref.g[layer], curvature, lam, pi_damping=True)
+    grad = small * ref.grad[layer]
+    expected = scale * _unvec(np.linalg.solve(np.kron(psi_hat, phi_hat), _vec(grad)), len(grad))
+    got = _augmented(updates[layer], "bias" in updates[layer], axis=0)
+    assert _relative_error(got, expected) < RTOL, (layer, _relative_error(got, expected))
+    # Sanity: without the floor (damping and scale from the vanished curvature) the update is
+    # far from this, so the check above can fail.
+    lam = damping * _mean_eigenvalue(*second[layer])
+    phi_hat, psi_hat = _damped_factors(a, small * ref.g[layer], curvature, lam, pi_damping=True)
+    unfloored = np.sqrt(sum(trace(*f) for f in second.values()) / sizes) * _unvec(
+        np.linalg.solve(np.kron(psi_hat, phi_hat), _vec(grad)), len(grad))
+    assert _relative_error(unfloored, expected) > 10 * RTOL, layer
+
+
 @pytest.mark.parametrize("scale_invariant", [False, True])
 @pytest.mark.parametrize("damping", [1e-1, 1e-3])
 @pytest.mark.parametrize("pi_damping", [False, True])

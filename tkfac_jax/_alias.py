@@ -21,6 +21,7 @@ def tkfac(
     inverse_every: chex.Numeric = 100,
     curvature: _statistics.Curvature = "tkfac",
     scale_invariant: bool = True,
+    curvature_floor: chex.Numeric = _transform.CURVATURE_FLOOR,
     pi_damping: bool | None = None,
     conv_damping_floor: chex.Numeric | None = None,
     inverse_method: str = "newton_schulz",
@@ -69,6 +70,8 @@ def tkfac(
     scale_invariant: damping relative to the curvature and an update that does not change when
       the loss is multiplied by a constant; ``False`` for the paper's absolute damping. See
       :func:`scale_by_tkfac`.
+    curvature_floor: with ``scale_invariant``, the curvature the damping and the step are relative
+      to is at least this share of the largest it has been; see :func:`scale_by_tkfac`.
     pi_damping: split the damping with the ``pi`` heuristic; ``None``: when ``scale_invariant``.
     conv_damping_floor: ``nu`` of TKFAC's damping for convolutions,
       ``lambda_l = max(delta_l, nu) / (d_in d_out)``; ``None`` uses ``damping`` everywhere.
@@ -106,6 +109,7 @@ def tkfac(
           inverse_every=inverse_every,
           curvature=curvature,
           scale_invariant=scale_invariant,
+          curvature_floor=curvature_floor,
           pi_damping=pi_damping,
           conv_damping_floor=conv_damping_floor,
           inverse_method=inverse_method,

@@ -24,6 +24,9 @@ _MISSING = object()
 # benchmarks/defaults.py), absolute in the paper's mode.
 RELATIVE_DAMPING = 10.0
 ABSOLUTE_DAMPING = 1e-2
+# The share of the largest curvature seen below which the scale-invariant mode stops following it
+# (an empirical Fisher vanishes as the training loss reaches zero).
+CURVATURE_FLOOR = 1e-4
 
 
 class LayerState(NamedTuple):
@@ -36,6 +39,9 @@ class LayerState(NamedTuple):
     inverses: the damped inverses ``Phi_hat^-1`` and ``Psi_hat^-1`` in use (identity until the
       layer's first statistics arrive).
     damping: the ``lambda`` those inverses were computed with (0 until then).
+    peak: the largest trace the running statistics' Fisher block has had (0 until the first
+      statistics); ``curvature_floor`` of it bounds the curvature the damping and the step's scale
+      are relative to from below.
     work: the refresh in progress, for a layer whose Newton-Schulz refresh is spread over the
       steps of the period (:mod:`tkfac_jax._schedule`); else ``None``.
   """
@@ -44,6 +50,7 @@ class LayerState(NamedTuple):
   count: jax.Array
   inverses: _inverses.DampedInverses
   damping: jax.Array
+  peak: jax.Array
   work: Any = None
 
 
@@ -199,9 +206,10 @@ def _split(matrix: jax.Array, block: dict[str, jax.Array]) -> dict[str, jax.Arra
 
 
 def _fold_in(
-    layer: LayerState, batch: _statistics.LayerStatistics, decay
+    layer: LayerState, batch: _statistics.LayerStatistics, decay, curvature: str
 ) -> tuple[LayerState, jax.Array]:
-  """One exponential-moving-average step; a batch with NaN/Inf statistics is skipped."""
+  """One exponential-moving-average step (and the block's largest trace so far); a batch with
+  NaN/Inf statistics is skipped."""
   finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in batch]))
   first = layer.count == 0
   statistics = jax.tree.map(
@@ -214,10 +222,13 @@ def _fold_in(
       batch,
   )
   count = layer.count + finite.astype(layer.count.dtype)
-  return layer._replace(statistics=statistics, count=count), first & finite
+  layer = layer._replace(statistics=statistics, count=count)
+  trace, _ = _mean_curvature(layer, curvature)
+  peak = jnp.maximum(layer.peak, trace.astype(layer.peak.dtype))
+  return layer._replace(peak=peak), first & finite
 
 
-def _fold_due(layer_states, batch, decay, due):
+def _fold_due(layer_states, batch, decay, due, curvature):
   """Folds ``batch`` into the running statistics where ``due``, under ``lax.cond`` so that a step
   without statistics does not touch the factors; returns them and, per layer, whether it got its
   first statistics."""
@@ -226,7 +237,9 @@ def _fold_due(layer_states, batch, decay, due):
   def fold(layer_states):
     layer_states, firsts = dict(layer_states), dict(no_first)
     for path in batch:
-      fold_in = _per_layer(lambda s, b: _fold_in(s, b, decay), _lead(layer_states[path]))
+      fold_in = _per_layer(
+          lambda s, b: _fold_in(s, b, decay, curvature), _lead(layer_states[path])
+      )
       layer_states[path], first = fold_in(layer_states[path], batch[path])
       firsts[path] = jnp.any(first)  # A stack's layers are refreshed together.
     return layer_states, firsts
@@ -329,6 +342,12 @@ def _mean_curvature(layer: LayerState, curvature: str) -> tuple[jax.Array, int]:
   return trace_phi * jnp.trace(stats.psi, axis1=-2, axis2=-1), size
 
 
+def _floored_curvature(layer: LayerState, curvature: str, floor) -> tuple[jax.Array, int]:
+  """:func:`_mean_curvature`'s trace, at least ``floor`` times the largest it has been."""
+  trace, size = _mean_curvature(layer, curvature)
+  return jnp.maximum(trace, floor * layer.peak.astype(trace.dtype)), size
+
+
 def find_states(opt_state: Any) -> list[ScaleByTKFACState]:
   """Every :class:`ScaleByTKFACState` inside an optimizer state (a chain, a wrapper, ...)."""
   is_state = lambda x: isinstance(x, ScaleByTKFACState)  # noqa: E731
@@ -373,6 +392,7 @@ def scale_by_tkfac(
     inverse_every: chex.Numeric = 100,
     curvature: _statistics.Curvature = "tkfac",
     scale_invariant: bool = True,
+    curvature_floor: chex.Numeric = CURVATURE_FLOOR,
     pi_damping: bool | None = None,
     conv_damping_floor: chex.Numeric | None = None,
     inverse_method: _inverses.InverseMethod = "newton_schulz",
@@ -437,7 +457,10 @@ def scale_by_tkfac(
     parameter (``n`` of them). That is the squared length of the step in the Fisher metric
     rescaled to mean eigenvalue 1, per parameter: where the curvature is isotropic, the step's
     root mean square is at most ``sqrt(kl_clip)`` (``1e-6``: ``1e-3``, Adam's usual step). It does
-    not change with ``c`` or with the network's size.
+    not change with ``c`` or with the network's size;
+  * every ``m_l`` (and so ``m``) is at least ``curvature_floor`` times the largest it has been:
+    once a network fits its training set the empirical Fisher vanishes with the loss, and the
+    curvature stops being a measure of the loss's scale (see ``curvature_floor``).
 
   The update is then the same for a mean and a summed loss. ``scale_invariant=False`` is the
   paper's maths as written above: ``damping`` absolute, ``U`` as is, the fallback's update as is
@@ -469,6 +492,15 @@ def scale_by_tkfac(
       ablations). Statistics must be captured with the same ``curvature``.
     scale_invariant: make the damping relative to the curvature and the update independent of the
       loss's scale (see above). ``False``: absolute damping, as in the paper.
+    curvature_floor: with ``scale_invariant``, each block's mean eigenvalue ``m_l`` (for the
+      damping) and the mean ``m`` (for the step's scale) are taken as at least ``curvature_floor``
+      times the largest they have been. An empirical Fisher vanishes as the training loss reaches
+      zero (a network that fits its training set): a damping relative to it alone would vanish
+      with it, the inverses would grow without bound, and the next batch with a sizeable gradient
+      would take a step that the KL clip does not contain (a dense layer's inverse factors grew
+      past 1e6 and the MLP diverged on a training set of 1,500 examples). The floor is relative,
+      so the update stays independent of the loss's scale; ``0`` follows the curvature all the
+      way down.
     pi_damping: split the damping with Martens & Grosse's ``pi`` instead of evenly; ``None``
       (default): with ``pi`` when ``scale_invariant``, evenly (the paper's split) otherwise.
     conv_damping_floor: ``nu`` of TKFAC's damping for convolutions. If set, every layer whose kernel
@@ -553,6 +585,7 @@ def scale_by_tkfac(
     damping = RELATIVE_DAMPING if scale_invariant else ABSOLUTE_DAMPING
   _check_concrete("damping", damping, lambda v: v >= 0, "non-negative")
   _check_concrete("decay", decay, lambda v: 0 <= v < 1, "in [0, 1)")
+  _check_concrete("curvature_floor", curvature_floor, lambda v: 0 <= v <= 1, "in [0, 1]")
   _check_concrete(
       "inverse_every", inverse_every, lambda v: int(v) == v and v >= 1, "a positive integer"
   )
@@ -653,6 +686,7 @@ def scale_by_tkfac(
           count=jnp.zeros((), jnp.int32),
           inverses=_inverses.DampedInverses(phi=eye_phi, psi=jnp.eye(*psi_shape, dtype=dtype)),
           damping=jnp.zeros((), dtype),
+          peak=jnp.zeros((), dtype),
           work=_schedule.empty_work(phi_shape, psi_shape, dtype) if chunked else None,
       )
       # A stack's layers: the same state along its leading axes.
@@ -774,7 +808,7 @@ def scale_by_tkfac(
       return jnp.maximum(layer.statistics.delta, conv_damping_floor) / (d_in * d_out)
     if not scale_invariant:
       return damping
-    trace, size = _mean_curvature(layer, curvature)
+    trace, size = _floored_curvature(layer, curvature, curvature_floor)
     return damping * trace / size
 
   def update_fn(updates, state, params=None, *, stats=_MISSING, **extra_args):
@@ -809,7 +843,7 @@ def scale_by_tkfac(
     if stats is not None:
       batch = batch_statistics(stats, layer_states, updates)
       due = state.stats_due if stats.due is None else state.stats_due & stats.due
-      layer_states, first_seen = _fold_due(layer_states, batch, decay, due)
+      layer_states, first_seen = _fold_due(layer_states, batch, decay, due, curvature)
       offered = list(batch)
 
     dampings = {
@@ -888,7 +922,9 @@ def scale_by_tkfac(
     if scale_invariant:
       # m, the mean eigenvalue of the preconditioned layers' blocks: the update (F + lambda)^-1 G
       # scales as 1/c when the loss is multiplied by c, sqrt(m) U does not.
-      traces = [_mean_curvature(layer_states[p], curvature) for p in layer_states]
+      traces = [
+          _floored_curvature(layer_states[p], curvature, curvature_floor) for p in layer_states
+      ]
       total = sum(
           jnp.sum(jnp.where(active[p], t, 0.0)) for p, (t, _) in zip(layer_states, traces)
       )
