@@ -105,7 +105,7 @@ def run_cell(task: tasks.Task, dataset: data.Dataset, candidates: dict[str, dict
   """Adam and every candidate on one task and batch size; the cell's runs and scores."""
   split = compare.validation_split(tasks.prepare(task, dataset), task.held_out_examples)
   evaluate = tasks.make_evaluate(task)
-  budget = tasks.Budget(seconds, evaluations=10, early=2)
+  budget = tasks.Budget(seconds, evaluations=10, early=2, resolution=None)
   key, higher = held_out(task)
   label = f"{task.name} b{task.batch_size}"
   # Adam at the task's learning rate and 3x it (a larger batch often takes a larger one); the
@@ -233,7 +233,7 @@ def scales_sweep(dataset: data.Dataset, names: Sequence[str], seconds: dict[str,
     task = tasks.create(name, dataset)
     split = compare.validation_split(tasks.prepare(task, dataset), task.held_out_examples)
     evaluate = tasks.make_evaluate(task)
-    budget = tasks.Budget(seconds[name], evaluations=8, early=0)
+    budget = tasks.Budget(seconds[name], evaluations=8, early=0, resolution=None)
     key, higher = held_out(task)
     # Classifiers: summed over the batch; the autoencoder: averaged over its pixels.
     other = (float(task.batch_size), "summed over the batch") if task.classifier else (

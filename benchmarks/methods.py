@@ -2,7 +2,7 @@
 
 ``create(name, task, hparams, dropout_key)`` returns a :class:`Runner`: ``start`` compiles (and
 initialises the optimizer state), ``step`` runs one training step. TKFAC, K-FAC (this library's
-mode), Adam and SGD are Optax transformations in one jitted step; kfac-jax is its own
+mode), Muon, Adam and SGD are Optax transformations in one jitted step; kfac-jax is its own
 ``kfac_jax.Optimizer``, which jits itself.
 
 Settings shared by all: momentum 0.9 (TKFAC, K-FAC, kfac-jax, SGD), no weight decay. TKFAC and
@@ -29,7 +29,7 @@ import optax
 import tkfac_jax
 from benchmarks import tasks
 
-OPTIMIZERS = ("tkfac", "kfac", "kfac_jax", "adam", "sgd")
+OPTIMIZERS = ("tkfac", "kfac", "kfac_jax", "muon", "adam", "sgd")
 SECOND_ORDER = ("tkfac", "kfac", "kfac_jax")
 MOMENTUM = 0.9
 INVERSE_EVERY = 10  # kfac-jax's inverse period (TKFAC's cadence is in its hparams).
@@ -230,6 +230,28 @@ class KfacJaxRunner(Runner):
     return (params, model_state, opt_state), stats["loss"]
 
 
+def muon_unavailable() -> str | None:
+  """Why Muon cannot run here (its Optax is too old), or None when it can."""
+  if not hasattr(getattr(optax, "contrib", None), "MuonDimensionNumbers"):
+    return (f"optax {optax.__version__} has no optax.contrib.muon with MuonDimensionNumbers; "
+            "pip install -U optax to race Muon too")
+  return None
+
+
+def _muon_dimensions(params):
+  """Muon's matrix view of each parameter: a kernel's last axis is its output, the others are
+  reduced over; biases and norms (None) take Adam."""
+  from optax.contrib import MuonDimensionNumbers  # noqa: PLC0415  (newer optax only)
+
+  def dims(path, leaf):
+    name = getattr(path[-1], "key", None)
+    if name == "kernel" and leaf.ndim >= 2:
+      return MuonDimensionNumbers(tuple(range(leaf.ndim - 1)), leaf.ndim - 1)
+    return None
+
+  return jax.tree_util.tree_map_with_path(dims, params)
+
+
 def create(name: str, task: tasks.Task, hparams: dict[str, Any],
            dropout_key: jax.Array) -> Runner:
   """The runner for the optimizer called ``name`` with ``hparams`` (learning_rate, damping)."""
@@ -248,6 +270,15 @@ def create(name: str, task: tasks.Task, hparams: dict[str, Any],
     return OptaxRunner(task, tx, name, dropout_key)
   if name == "kfac_jax":
     return KfacJaxRunner(task, lr, hparams["damping"], dropout_key)
+  if name == "muon":
+    # Muon orthogonalises the momentum of every kernel (a convolution's over its spatial and
+    # input axes together, as its users reshape it), and gives the other parameters (biases,
+    # BatchNorm) Adam at their own learning rate.
+    tx = optax.contrib.muon(
+        lr, adam_learning_rate=hparams.get("adam_learning_rate"),
+        muon_weight_dimension_numbers=_muon_dimensions,
+    )
+    return OptaxRunner(task, tx, None, dropout_key)
   if name == "adam":
     return OptaxRunner(task, optax.adam(lr), None, dropout_key)
   if name == "sgd":

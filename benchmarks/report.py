@@ -5,9 +5,10 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-LABELS = {"tkfac": "TKFAC", "kfac": "K-FAC", "kfac_jax": "kfac-jax", "adam": "Adam", "sgd": "SGD"}
+LABELS = {"tkfac": "TKFAC", "kfac": "K-FAC", "kfac_jax": "kfac-jax", "muon": "Muon", "adam": "Adam",
+          "sgd": "SGD"}
 COLORS = {"tkfac": "tab:blue", "kfac": "tab:orange", "kfac_jax": "tab:green", "adam": "tab:red",
-          "sgd": "tab:purple"}
+          "sgd": "tab:purple", "muon": "tab:brown"}
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -25,57 +26,64 @@ def _hparams(h: dict[str, Any]) -> str:
 
 def _seconds(s: dict[str, Any], which: str) -> str:
   """Median seconds to the target (or stretch target), its range over seeds, how many reached."""
-  text = _num(s[f"seconds_to_{which}"], ".1f")
+  text = _num(s[f"seconds_to_{which}"], ".3g")
   spread = s["spread"].get(f"seconds_to_{which}")
   if s["seeds"] > 1 and spread:
-    text += f" ({spread[0]:.1f}–{spread[1]:.1f})"
+    text += f" ({spread[0]:.3g}–{spread[1]:.3g})"
   if s[f"reached_{which}"] < s["seeds"]:
     text += f" [{s[f'reached_{which}']}/{s['seeds']} reached]"
   return text
 
 
 def task_table(task: dict[str, Any]) -> str:
-  """One row per optimizer: medians over seeds, ratios to Adam and kfac-jax of the same run."""
+  """One row per optimizer: medians over seeds, ratios to Adam, Muon and kfac-jax of the same run."""
   metric = task["metric"].replace("_", " ")
   target = task["target"].get("value")
-  adam, kj = task["ratios"]["adam"], task["ratios"]["kfac_jax"]
-  lines = [
-      f"| optimizer | settings | median step ms | ×Adam | ×kfac-jax | mean step ms | compile s "
-      f"| peak MiB | best {metric} | steps to target | s to target | ×Adam | ×kfac-jax "
-      "| s to stretch target |",
-      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-      "| ---: |",
-  ]
+  ratios = task["ratios"]
+  bases = [b for b in ("adam", "muon", "kfac_jax") if ratios.get(b)]
+  stretched = task.get("stretch_target", {}).get("value") is not None
+  per_base = "".join(f" ×{LABELS[b]} |" for b in bases)
+  header = (
+      f"| optimizer | settings | median step ms |{per_base} mean step ms | compile s | peak MiB "
+      f"| best {metric} | steps to target | s to target |{per_base}"
+      + (" s to stretch target |" if stretched else "")
+  )
+  columns = header.count("|") - 1
+  lines = [header, "| --- | --- |" + " ---: |" * (columns - 2)]
   for name, s in task["summary"].items():
     if "error" in s:
-      lines.append(f"| {LABELS.get(name, name)} | did not run: {s['error']} |" + " |" * 12)
+      lines.append(f"| {LABELS.get(name, name)} | did not run: {s['error']} |"
+                   + " |" * (columns - 2))
       continue
     peak = None if s["peak_bytes"] is None else s["peak_bytes"] / 2**20
     best_fmt = ".4f" if task["metric"].endswith("accuracy") else ".2f"
-    seconds = _seconds(s, "target")
-    stretch = _seconds(s, "stretch") if "reached_stretch" in s else "-"
+    step_ratios = "".join(
+        f" {_num(ratios[b].get(name, {}).get('median_step_seconds'), '.2f')} |" for b in bases)
+    time_ratios = "".join(
+        f" {_num(ratios[b].get(name, {}).get('seconds_to_target'), '.2f')} |" for b in bases)
     lines.append(
         f"| {LABELS.get(name, name)} | {_hparams(s['hparams'])} "
-        f"| {_num(s['median_step_seconds'] * 1e3, '.2f')} "
-        f"| {_num(adam.get(name, {}).get('median_step_seconds'), '.2f')} "
-        f"| {_num(kj.get(name, {}).get('median_step_seconds'), '.2f')} "
-        f"| {_num(s['mean_step_seconds'] * 1e3, '.2f')} | {_num(s['compile_seconds'], '.1f')} | {_num(peak, '.1f')} "
-        f"| {_num(s['best'], best_fmt)} | {_num(s['steps_to_target'], '.0f')} | {seconds} "
-        f"| {_num(adam.get(name, {}).get('seconds_to_target'), '.2f')} "
-        f"| {_num(kj.get(name, {}).get('seconds_to_target'), '.2f')} | {stretch} |"
+        f"| {_num(s['median_step_seconds'] * 1e3, '.2f')} |{step_ratios}"
+        f" {_num(s['mean_step_seconds'] * 1e3, '.2f')} | {_num(s['compile_seconds'], '.1f')} "
+        f"| {_num(peak, '.1f')} | {_num(s['best'], best_fmt)} "
+        f"| {_num(s['steps_to_target'], '.0f')} | {_seconds(s, 'target')} |{time_ratios}"
+        + (f" {_seconds(s, 'stretch') if 'reached_stretch' in s else '-'} |" if stretched else "")
     )
   budget = task["budget"]
+  fixed = task["target"].get("fixed")
   header = (
       f"**{task['task']}**: {task['description']}; batch {task['batch_size']}; "
-      f"{budget['seconds']:g} s of training per run, evaluated {budget['evaluations']} times "
-      f"evenly and {budget.get('early_evaluations', 0)} times early; "
+      f"{budget['seconds']:g} s of training per run; "
       f"medians over {max((s.get('seeds', 0) for s in task['summary'].values()), default=0)} "
       f"seed(s). Target: {metric} "
       + (f"{'≥' if task['metric'].endswith('accuracy') else '≤'} {target:g} "
-         f"({task['target']['rule']})." if target is not None else "none (no run trained).")
+         f"({'fixed before the runs: ' if fixed else ''}{task['target']['rule']})"
+         + ("; a method that does not reach it says so in the s to target column." if fixed
+            else ".")
+         if target is not None else "none (no run trained).")
       + (f" Stretch target: {metric} {'≥' if task['metric'].endswith('accuracy') else '≤'} "
          f"{task['stretch_target']['value']:g} ({task['stretch_target']['rule']}); not every "
-         "method reaches it." if task.get("stretch_target", {}).get("value") is not None else "")
+         "method reaches it." if stretched else "")
       + (f" The task took {task['wall_seconds'] / 60:.1f} minutes of wall time, tuning, "
          "compiling and evaluating included." if "wall_seconds" in task else "")
   )
@@ -95,6 +103,9 @@ def markdown(report: dict[str, Any]) -> str:
       f"Data: {report['dataset']}. Command: `{report['command']}`.",
       report["notes"],
   ]
+  lines = verdict(report)
+  if lines:
+    parts.append("**Verdict**, from this run:\n\n" + "\n".join(f"- {line}" for line in lines))
   parts += [task_table(t) for t in report["tasks"]]
   return "\n\n".join(parts) + "\n"
 
@@ -150,3 +161,120 @@ def plot(task: dict[str, Any], path: pathlib.Path, title: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def plot_name(task: dict[str, Any]) -> str:
+  """The curves' file name of a task's result: ``<task>_b<batch>.png``."""
+  return f"{task['task']}_b{task['batch_size']}.png"
+
+
+VERDICT_BASELINES = ("adam", "muon", "kfac_jax")
+
+
+def _reached(task: dict[str, Any], name: str) -> bool:
+  s = task["summary"].get(name, {})
+  return "error" not in s and bool(s.get("reached_target"))
+
+
+def verdict(report: dict[str, Any]) -> list[str]:
+  """Per task and batch size, one line: TKFAC's time to the fixed target against Adam's, Muon's
+  and kfac-jax's (medians over seeds, from this run), and the best values within the budget; then
+  a count of where TKFAC got there first."""
+  lines, sooner, cells = [], 0, 0
+  for task in report["tasks"]:
+    summary = task["summary"]
+    if "tkfac" not in summary or "error" in summary["tkfac"]:
+      continue
+    metric = task["metric"].replace("_", " ")
+    target = task["target"].get("value")
+    sign = "≥" if task["metric"].endswith("accuracy") else "≤"
+    fmt = ".4f" if task["metric"].endswith("accuracy") else ".2f"
+    present = [b for b in VERDICT_BASELINES if b in summary and "error" not in summary[b]]
+    head = f"{task['task']}, batch {task['batch_size']}: "
+    mine = summary["tkfac"]
+    bests = ", ".join(f"{LABELS[b]} {_num(summary[b]['best'], fmt)}" for b in present)
+    if target is None:
+      lines.append(head + "no target (no run trained).")
+      continue
+    if _reached(task, "tkfac"):
+      parts = []
+      for b in present:
+        if _reached(task, b):
+          ratio = mine["seconds_to_target"] / summary[b]["seconds_to_target"]
+          parts.append(f"{ratio:.2f}× {LABELS[b]}'s")
+        else:
+          parts.append(f"{LABELS[b]} did not reach it")
+      text = (f"TKFAC reached {metric} {sign} {target:g} in {mine['seconds_to_target']:.3g} s: "
+              + "; ".join(parts))
+    else:
+      reached = [f"{LABELS[b]} in {summary[b]['seconds_to_target']:.3g} s" for b in present
+                 if _reached(task, b)]
+      text = (f"TKFAC did not reach {metric} {sign} {target:g} "
+              + ("(" + ", ".join(reached) + " did)" if reached else "(nor did the others)"))
+    text += f". Best within the budget: TKFAC {_num(mine['best'], fmt)}" + (
+        f", {bests}." if bests else ".")
+    lines.append(head + text)
+    if "adam" in present:
+      cells += 1
+      if _reached(task, "tkfac") and (
+          not _reached(task, "adam")
+          or mine["seconds_to_target"] < summary["adam"]["seconds_to_target"]):
+        sooner += 1
+  if cells:
+    lines.append(f"Verdict: TKFAC reached the target sooner than Adam in {sooner} of {cells} "
+                 "task and batch size pairs of this run.")
+  return lines
+
+
+def plot_verdict(report: dict[str, Any], path: pathlib.Path, title: str) -> bool:
+  """TKFAC's time to target over each baseline's, per task and batch size (log scale; below 1:
+  TKFAC first). A pair where one of the two did not reach the target is marked, not drawn.
+  Returns whether there was anything to plot."""
+  tasks = [t for t in report["tasks"] if "tkfac" in t["summary"]]
+  baselines = [b for b in VERDICT_BASELINES
+               if any(b in t["summary"] and "error" not in t["summary"][b] for t in tasks)]
+  if not tasks or not baselines:
+    return False
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) * len(baselines) / 2 + 2), 4))
+  width = 0.8 / len(baselines)
+  drawn = [1.0]
+  for j, base in enumerate(baselines):
+    for i, task in enumerate(tasks):
+      x = i + (j - (len(baselines) - 1) / 2) * width
+      if _reached(task, "tkfac") and _reached(task, base):
+        ratio = (task["summary"]["tkfac"]["seconds_to_target"]
+                 / task["summary"][base]["seconds_to_target"])
+        # From 1 (a tie) up or down: on a log scale a bar from the axis would hide the ratio.
+        ax.bar(x, ratio - 1.0, width, bottom=1.0, color=COLORS.get(base),
+               label=LABELS[base] if i == 0 else None)
+        ax.annotate(f"{ratio:.2f}", (x, ratio), ha="center",
+                    va="bottom" if ratio >= 1 else "top", fontsize=7)
+        drawn.append(ratio)
+      elif base in task["summary"]:
+        mark = ("TKFAC\nmissed" if not _reached(task, "tkfac")
+                else f"{LABELS[base]}\nmissed")
+        ax.annotate(mark, (x, 1.0), ha="center", va="center", fontsize=6, rotation=90,
+                    color=COLORS.get(base))
+        if i == 0:
+          ax.bar(x, 0, width, color=COLORS.get(base), label=LABELS[base])
+  ax.axhline(1.0, color="gray", linewidth=1)
+  ax.set_yscale("log")
+  ax.set_ylim(min(drawn) / 1.6, max(drawn) * 1.6)
+  ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
+  ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+  ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  ax.set_xticks(range(len(tasks)))
+  ax.set_xticklabels([f"{t['task']}\nbatch {t['batch_size']}" for t in tasks])
+  ax.set_ylabel("TKFAC's time to target / the other's\n(below 1: TKFAC got there first)")
+  ax.legend(fontsize=8, title="against", title_fontsize=8)
+  ax.grid(alpha=0.3, axis="y")
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
