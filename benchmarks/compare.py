@@ -27,7 +27,8 @@ import tqdm
 
 from benchmarks import data, methods, report, tasks
 
-VALIDATION_EXAMPLES = {"fashion-mnist": 10000, "digits": 300}
+VALIDATION_EXAMPLES = {"fashion-mnist": 10000, "digits": 300,
+                       **{name: data.VALIDATION_WINDOWS for name in ("fortunes", "python-stdlib")}}
 
 
 class Split:
@@ -39,22 +40,25 @@ class Split:
   """
 
   def __init__(self, x_train, y_train, x_eval, y_eval, eval_name: str,
-               held_out_examples: int | None = None):
+               held_out_examples: int | None = None,
+               train_eval_examples: int = tasks.TRAIN_EVAL_EXAMPLES):
     self.x_train, self.y_train = x_train, y_train
-    subset = np.sort(np.random.default_rng(0).permutation(len(y_train))[: tasks.TRAIN_EVAL_EXAMPLES])
+    subset = np.sort(np.random.default_rng(0).permutation(len(y_train))[:train_eval_examples])
     self.train_eval = (x_train[subset], y_train[subset])
     held = np.sort(np.random.default_rng(0).permutation(len(y_eval))[:held_out_examples])
     self.eval = (x_eval[held], y_eval[held])
     self.eval_name = eval_name
 
 
-def final_split(dataset: data.Dataset, held_out_examples: int | None = None) -> Split:
+def final_split(dataset: data.Dataset, held_out_examples: int | None = None,
+                train_eval_examples: int = tasks.TRAIN_EVAL_EXAMPLES) -> Split:
   """Train on the whole training set; evaluate on the test set."""
   return Split(dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test, "test",
-               held_out_examples)
+               held_out_examples, train_eval_examples)
 
 
-def validation_split(dataset: data.Dataset, held_out_examples: int | None = None) -> Split:
+def validation_split(dataset: data.Dataset, held_out_examples: int | None = None,
+                     train_eval_examples: int = tasks.TRAIN_EVAL_EXAMPLES) -> Split:
   """A validation set carved from the training set by a fixed permutation; the rest trains."""
   order = np.random.default_rng(1234).permutation(len(dataset.y_train))
   held = VALIDATION_EXAMPLES[dataset.name]
@@ -62,6 +66,7 @@ def validation_split(dataset: data.Dataset, held_out_examples: int | None = None
   return Split(
       dataset.x_train[train], dataset.y_train[train],
       dataset.x_train[val], dataset.y_train[val], "validation", held_out_examples,
+      train_eval_examples,
   )
 
 
@@ -79,9 +84,14 @@ def higher_is_better(metric: str) -> bool:
   return metric.endswith("accuracy")
 
 
+# The metrics a target can be set on, and the evaluation point's key for each.
+METRIC_KEYS = {"train_loss": "train_loss", "test_accuracy": "eval_accuracy",
+               "test_loss": "eval_loss"}
+
+
 def metric_of(metric: str, point: dict[str, Any]) -> float:
-  """The value of ``metric`` (train loss, or held-out accuracy) at an evaluation point."""
-  return point["train_loss"] if metric == "train_loss" else point["eval_accuracy"]
+  """The value of ``metric`` (train loss, held-out accuracy or loss) at an evaluation point."""
+  return point[METRIC_KEYS[metric]]
 
 
 def better(metric: str, a: float, b: float) -> bool:
@@ -98,7 +108,7 @@ def evaluation_times(budget: tasks.Budget) -> list[float]:
 
   ``budget.evaluations`` evenly spaced times, the last at the budget, and before the first of them
   ``budget.early`` more that halve the interval each time (1/2, 1/4, ... of it); with
-  ``budget.resolution``, a geometric grid between them too. A fast optimizer
+  ``budget.resolution``, a geometric grid from the first evenly spaced time on. A fast optimizer
   can meet the target well before the first evenly spaced evaluation; without these its time to
   target would be that evaluation's time, an upper bound.
   """
@@ -106,10 +116,11 @@ def evaluation_times(budget: tasks.Budget) -> list[float]:
   early = [every * 2.0**-k for k in range(budget.early, 0, -1)]
   times = early + [every * k for k in range(1, budget.evaluations + 1)]
   if budget.resolution:
-    # And a geometric grid from the first time to the budget, so that a time to target is never
-    # more than ``resolution`` of itself late (a crossing between two evaluations is credited
-    # with the later one).
-    t = times[0]
+    # And a geometric grid from the first evenly spaced time to the budget, so that a time to
+    # target after it is never more than ``resolution`` of itself late (a crossing between two
+    # evaluations is credited with the later one). The targets are set where a tuned Adam gets
+    # in the second half of the full budget; the early evaluations cover a faster start.
+    t = every
     while t < budget.seconds:
       times.append(t)
       t *= 1 + budget.resolution
@@ -264,7 +275,8 @@ def tune(
       ],
       "chosen": dict(chosen["hparams"]) if chosen else dict(task.defaults[name]),
       "chosen_by": (
-          ("best validation accuracy" if task.classifier else "best training loss")
+          {"test_accuracy": "best validation accuracy", "test_loss": "best validation loss"}.get(
+              task.metric, "best training loss")
           + " within the tuning budget" if chosen
           else "defaults: every grid point failed or diverged"
       ),
@@ -429,13 +441,13 @@ def run_task(
   hparams = {name: dict(task.defaults[name]) for name in names}
   tuning = {}
   if tune_budget is not None:
-    val = validation_split(dataset, task.held_out_examples)
+    val = validation_split(dataset, task.held_out_examples, task.train_eval_examples)
     for name in names:
       tuning[name] = tune(task, name, val, tune_budget, max_steps, progress, evaluate)
       hparams[name] = tuning[name]["chosen"]
       log(f"{task.name}: {name} tuned to " + ", ".join(
           f"{k} {report.setting(v)}" for k, v in hparams[name].items()))
-  split = final_split(dataset, task.held_out_examples)
+  split = final_split(dataset, task.held_out_examples, task.train_eval_examples)
   runs = []
   for seed in range(seeds):
     for name in names:  # Interleaved, so that a change in the machine's load hits all alike.
@@ -444,6 +456,7 @@ def run_task(
                              label, evaluate))
   return score({
       "task": task.name,
+      "dataset": dataset.name,
       "description": task.description,
       "metric": task.metric,
       "batch_size": task.batch_size,

@@ -150,3 +150,63 @@ def load(data_dir: str | os.PathLike | None = None) -> Dataset:
       file=sys.stderr,
   )
   return load_digits()
+
+
+# --- Text, for the language-model task. ---------------------------------------------------------
+
+TEXT_DIR_ENV = "TKFAC_TEXT_DIR"
+# English text shipped by the Debian package ``fortunes`` (about 2.6 MB): one file per
+# collection, beside its ``.dat`` index and ``.u8`` link.
+DEFAULT_TEXT_DIR = "/usr/share/games/fortunes"
+VOCAB = 128  # Bytes of ASCII; any other character is read as "?".
+SEQUENCE = 32  # Tokens a model sees per example; it predicts each next one.
+_TEXT_TEST_SHARE = 0.1  # The end of the text, held out.
+_STDLIB_BYTES = 3_000_000  # The fallback corpus: as much of the standard library's source.
+VALIDATION_WINDOWS = 2000
+
+
+def _ascii_ids(text: str) -> np.ndarray:
+  return np.frombuffer(text.encode("ascii", errors="replace"), np.uint8).astype(np.int32)
+
+
+def _windows(ids: np.ndarray, name: str) -> Dataset:
+  """Non-overlapping windows of ``SEQUENCE + 1`` tokens: inputs and next tokens; the last 10% of
+  the text (whole windows) is the test set."""
+  count = len(ids) // (SEQUENCE + 1)
+  windows = ids[: count * (SEQUENCE + 1)].reshape(count, SEQUENCE + 1)
+  test = max(1, int(count * _TEXT_TEST_SHARE))
+  train, held = windows[:-test], windows[-test:]
+  return Dataset(name, train[:, :-1], train[:, 1:], held[:, :-1], held[:, 1:])
+
+
+def load_text(text_dir: str | os.PathLike | None = None) -> Dataset:
+  """A character-level corpus: the Debian package ``fortunes``' English text if it is in
+  ``text_dir`` (default ``$TKFAC_TEXT_DIR``, then ``/usr/share/games/fortunes``), else the
+  first 3 MB of this Python's standard library source (always there), with a notice.
+
+  Returns a :class:`Dataset` whose ``x`` are ``[N, 32]`` token ids (ASCII bytes) and whose ``y``
+  are the next tokens, ``[N, 32]``.
+  """
+  if text_dir is None:
+    text_dir = os.environ.get(TEXT_DIR_ENV) or DEFAULT_TEXT_DIR
+  directory = pathlib.Path(text_dir)
+  files = sorted(p for p in directory.iterdir() if p.is_file() and not p.suffix) if (
+      directory.is_dir()) else []
+  if files:
+    text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+    return _windows(_ascii_ids(text), "fortunes")
+  import sysconfig  # noqa: PLC0415
+
+  print(
+      f"No text corpus in {text_dir}; using this Python's standard library source as a "
+      "character-level corpus instead. For English text: sudo apt-get install fortunes, or pass "
+      "--text-dir.",
+      file=sys.stderr,
+  )
+  parts, size = [], 0
+  for path in sorted(pathlib.Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+    parts.append(path.read_text(encoding="utf-8", errors="replace"))
+    size += len(parts[-1])
+    if size >= _STDLIB_BYTES:
+      break
+  return _windows(_ascii_ids("\n".join(parts))[:_STDLIB_BYTES], "python-stdlib")

@@ -24,6 +24,11 @@ def _hparams(h: dict[str, Any]) -> str:
   return ", ".join(f"{'lr' if k == 'learning_rate' else k} {setting(v)}" for k, v in h.items())
 
 
+def _best_format(metric: str) -> str:
+  """Accuracies to 4 decimals, a language model's loss (nats per token) to 3, others to 2."""
+  return {"test_accuracy": ".4f", "test_loss": ".3f"}.get(metric, ".2f")
+
+
 def _seconds(s: dict[str, Any], which: str) -> str:
   """Median seconds to the target (or stretch target), its range over seeds, how many reached."""
   text = _num(s[f"seconds_to_{which}"], ".3g")
@@ -56,7 +61,7 @@ def task_table(task: dict[str, Any]) -> str:
                    + " |" * (columns - 2))
       continue
     peak = None if s["peak_bytes"] is None else s["peak_bytes"] / 2**20
-    best_fmt = ".4f" if task["metric"].endswith("accuracy") else ".2f"
+    best_fmt = _best_format(task["metric"])
     step_ratios = "".join(
         f" {_num(ratios[b].get(name, {}).get('median_step_seconds'), '.2f')} |" for b in bases)
     time_ratios = "".join(
@@ -153,7 +158,8 @@ def plot(task: dict[str, Any], path: pathlib.Path, title: str) -> None:
         ax.set_yscale("log")
       elif target is not None:  # Accuracy from a little below the target up: the part that differs.
         ax.set_ylim(max(0.0, target - 0.15), min(1.0, max(target + 0.05, ax.get_ylim()[1])))
-      if target is not None and key == ("eval_accuracy" if classifier else "train_loss"):
+      if target is not None and key == {"test_accuracy": "eval_accuracy",
+                                        "test_loss": "eval_loss"}.get(task["metric"], "train_loss"):
         ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target")
       ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=8)
@@ -188,7 +194,7 @@ def verdict(report: dict[str, Any]) -> list[str]:
     metric = task["metric"].replace("_", " ")
     target = task["target"].get("value")
     sign = "≥" if task["metric"].endswith("accuracy") else "≤"
-    fmt = ".4f" if task["metric"].endswith("accuracy") else ".2f"
+    fmt = _best_format(task["metric"])
     present = [b for b in VERDICT_BASELINES if b in summary and "error" not in summary[b]]
     head = f"{task['task']}, batch {task['batch_size']}: "
     mine = summary["tkfac"]

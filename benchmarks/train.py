@@ -44,8 +44,9 @@ NOTES = (
     "its step and running it once (thrown away), less one median step. Peak "
     "memory: XLA's compiled memory analysis of one training step (arguments + outputs + "
     "temporaries - aliased), not the process's. Time to target: training seconds at the first "
-    "evaluation that meets the task's fixed target; evaluations are at most 8% of the elapsed "
-    "training time apart, so a time to target is at most that late. Muon: optax.contrib.muon "
+    "evaluation that meets the task's fixed target; from a tenth of the budget on, evaluations "
+    "are at most 8% of the elapsed training time apart, so a time to target is at most that "
+    "late. Muon: optax.contrib.muon "
     "(Nesterov momentum 0.95, 5 Newton-Schulz steps) on every kernel, Adam on the other "
     "parameters at the task's Adam learning rate. Momentum 0.9 for TKFAC, K-FAC, kfac-jax and "
     "SGD; TKFAC and "
@@ -135,8 +136,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="training seconds per run, overriding --budget")
   p.add_argument("--evaluations", type=positive(int),
                  help="evenly spaced evaluations per run (default: 10, 4 more early in the "
-                 "run, and a grid 8%% apart in between, which this does not change; when tuning "
-                 f"{TUNE_EVALUATIONS} and no grid)")
+                 "run, and a grid 8%% apart from a tenth of the budget on, which this does not "
+                 f"change; when tuning {TUNE_EVALUATIONS} and no grid)")
   p.add_argument("--steps", type=positive(int), help="stop every run after this many steps too")
   p.add_argument("--seeds", type=positive(int), default=1,
                  help="seeds 0..N-1 (initial parameters, batch order, dropout); default: 1")
@@ -146,6 +147,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--data-dir",
                  help=f"directory of the Fashion-MNIST *-ubyte.gz files; if not given, "
                  f"${data.DATA_DIR_ENV}, then {data.DEFAULT_DATA_DIR}")
+  p.add_argument("--text-dir",
+                 help=f"directory of the lm task's text files; if not given, ${data.TEXT_DIR_ENV}, "
+                 f"then {data.DEFAULT_TEXT_DIR} (the Debian package fortunes), else Python's "
+                 "standard library source")
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results"),
                  help="directory for results.json, results.md and <task>.png (default: results)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -193,10 +198,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   print(f"data: {dataset.name} | optimizers: {', '.join(names)} | seeds: {args.seeds} | "
         f"budget: {args.budget}" + (" | tuning on a validation split" if args.tune else ""))
 
+  text = None
   results = []
   for name in args.task:
+    task_data = dataset
+    if name in tasks.TEXT_TASKS:
+      text = text or data.load_text(args.text_dir)
+      task_data = text
     for batch_size in args.batch_sizes:
-      task = tasks.create(name, dataset, batch_size)
+      task = tasks.create(name, task_data, batch_size)
       budget = task.budgets[args.budget]
       if args.seconds is not None or args.evaluations is not None:
         budget = tasks.Budget(args.seconds or budget.seconds,
@@ -209,10 +219,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tune_budget = tasks.Budget(min(quick.seconds, budget.seconds),
                                    args.evaluations or TUNE_EVALUATIONS, early=0,
                                    resolution=None)
-      print(f"\n{name}, batch {batch_size}: {task.description}")
+      print(f"\n{name}, batch {batch_size}, {task_data.name}: {task.description}")
       task_start = time.perf_counter()
       result = compare.run_task(
-          task, dataset, names, budget, args.seeds, tune_budget, args.steps,
+          task, task_data, names, budget, args.seeds, tune_budget, args.steps,
           progress=not args.no_progress,
       )
       result["wall_seconds"] = time.perf_counter() - task_start
@@ -255,7 +265,8 @@ def write_outputs(full: dict[str, Any], out: pathlib.Path) -> None:
   where = full["machine"]
   machine_line = f"{where['cpu']}, {where['cpu_count']} cores, {full['date']}"
   for result in full["tasks"]:
-    title = (f"{result['task']} on {full['dataset']}, batch {result['batch_size']}: "
+    title = (f"{result['task']} on {result.get('dataset', full['dataset'])}, "
+             f"batch {result['batch_size']}: "
              f"{result['description']}\n{machine_line}")
     report.plot(result, out / report.plot_name(result), title)
   plots = [report.plot_name(r) for r in full["tasks"]]

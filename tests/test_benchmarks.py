@@ -2,10 +2,12 @@
 
 import json
 import math
+import warnings
 
+import numpy as np
 import pytest
 
-from benchmarks import compare, methods, step_cost, tasks, train
+from benchmarks import compare, data, methods, step_cost, tasks, train
 from benchmarks import report as report_module
 
 pytestmark = pytest.mark.slow  # Benchmark smoke tests (see .ci/run).
@@ -83,11 +85,45 @@ def test_every_optimizer_at_two_batch_sizes_against_a_fixed_target(tmp_path, cap
   assert (tmp_path / "again" / "mlp_b32.png").stat().st_size > 0
 
 
+def test_the_language_model_task_preconditions_every_kernel(tmp_path, capsys):
+  """The transformer task trains on the standard library's source where no text corpus is
+  installed (saying so), scores the held-out loss against its fixed target, and TKFAC
+  preconditions every kernel of it: no layer warns that it takes the fallback."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    report, _ = _run(tmp_path, "--task", "lm", "--optimizers", "tkfac,adam", *ONE_BATCH,
+                     "--text-dir", str(tmp_path))
+  assert not [w for w in caught if "not preconditioned" in str(w.message)]
+  assert "standard library source" in capsys.readouterr().err
+  (task,) = report["tasks"]
+  assert task["dataset"] == "python-stdlib" and task["metric"] == "test_loss"
+  assert task["target"]["value"] == tasks.TARGETS[("lm", "python-stdlib")][0]
+  for run in task["runs"]:
+    assert "error" not in run, run
+    assert all(math.isfinite(p["eval_loss"]) for p in run["history"])
+    # Next-token accuracy is a fraction of the tokens, not of the windows.
+    assert all(0 <= p["eval_accuracy"] <= 1 for p in run["history"])
+
+
+def test_text_windows_predict_the_next_character(tmp_path):
+  """Each target window is its input shifted by one character; the end of the text is held out."""
+  (tmp_path / "quotes").write_text("abcdefghij" * 1000)
+  text = data.load_text(tmp_path)
+  assert text.name == "fortunes" and text.x_train.shape[1] == data.SEQUENCE
+  np.testing.assert_array_equal(text.x_train[:, 1:], text.y_train[:, :-1])
+  assert len(text.x_test) == int((len(text.x_train) + len(text.x_test)) * 0.1)
+  first = bytes(text.x_train[0].astype(np.uint8)).decode()
+  assert first == ("abcdefghij" * 7)[:data.SEQUENCE]
+
+
 def test_evaluations_resolve_the_time_to_target_to_better_than_ten_percent():
-  """Every evaluation time after the first is at most 10% after the one before it."""
+  """From a tenth of the budget on, each evaluation is at most 10% after the one before it (and
+  the early ones halve the first tenth)."""
   times = compare.evaluation_times(tasks.Budget(30.0))
-  assert times[-1] == 30.0 and len(times) == len(set(times))
-  assert all(b <= 1.1 * a for a, b in zip(times, times[1:]))
+  assert times[-1] == 30.0 and len(times) == len(set(times)) and times == sorted(times)
+  late = [t for t in times if t >= 3.0]
+  assert late[0] == 3.0 and all(b <= 1.1 * a for a, b in zip(late, late[1:]))
+  assert times[:4] == [3.0 / 16, 3.0 / 8, 3.0 / 4, 3.0 / 2]
 
 
 def test_the_verdict_counts_where_tkfac_got_there_first():
