@@ -233,10 +233,11 @@ def verdict(report: dict[str, Any]) -> list[str]:
 
 
 def plot_verdict(report: dict[str, Any], path: pathlib.Path, title: str) -> bool:
-  """TKFAC's time to target over each baseline's, per task and batch size (log scale; below 1:
-  TKFAC first). A pair where one of the two did not reach the target is marked, not drawn.
-  Returns whether there was anything to plot."""
-  tasks = [t for t in report["tasks"] if "tkfac" in t["summary"]]
+  """Two panels per task and batch size. Top: TKFAC's time to target over each baseline's (log
+  scale; below 1: TKFAC first; where one of the two missed the target, a mark says which).
+  Bottom: each method's best value within the budget against the target, in % of the target
+  (above 0: past it). Returns whether there was anything to plot."""
+  tasks = [t for t in report["tasks"] if "tkfac" in t["summary"] and t["target"].get("value")]
   baselines = [b for b in VERDICT_BASELINES
                if any(b in t["summary"] and "error" not in t["summary"][b] for t in tasks)]
   if not tasks or not baselines:
@@ -246,40 +247,61 @@ def plot_verdict(report: dict[str, Any], path: pathlib.Path, title: str) -> bool
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) * len(baselines) / 2 + 2), 4))
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7.0, 1.3 * len(tasks) + 2), 7),
+                                    sharex=True)
   width = 0.8 / len(baselines)
   drawn = [1.0]
   for j, base in enumerate(baselines):
+    top.bar(0, 0, width, color=COLORS.get(base), label=LABELS[base])  # The legend's entry.
     for i, task in enumerate(tasks):
       x = i + (j - (len(baselines) - 1) / 2) * width
+      if base not in task["summary"] or "error" in task["summary"][base]:
+        continue
       if _reached(task, "tkfac") and _reached(task, base):
         ratio = (task["summary"]["tkfac"]["seconds_to_target"]
                  / task["summary"][base]["seconds_to_target"])
         # From 1 (a tie) up or down: on a log scale a bar from the axis would hide the ratio.
-        ax.bar(x, ratio - 1.0, width, bottom=1.0, color=COLORS.get(base),
-               label=LABELS[base] if i == 0 else None)
-        ax.annotate(f"{ratio:.2f}", (x, ratio), ha="center",
-                    va="bottom" if ratio >= 1 else "top", fontsize=7)
+        top.bar(x, ratio - 1.0, width, bottom=1.0, color=COLORS.get(base))
+        top.annotate(f"{ratio:.2f}", (x, ratio), ha="center",
+                     va="bottom" if ratio >= 1 else "top", fontsize=7)
         drawn.append(ratio)
-      elif base in task["summary"]:
-        mark = ("TKFAC\nmissed" if not _reached(task, "tkfac")
-                else f"{LABELS[base]}\nmissed")
-        ax.annotate(mark, (x, 1.0), ha="center", va="center", fontsize=6, rotation=90,
-                    color=COLORS.get(base))
-        if i == 0:
-          ax.bar(x, 0, width, color=COLORS.get(base), label=LABELS[base])
-  ax.axhline(1.0, color="gray", linewidth=1)
-  ax.set_yscale("log")
-  ax.set_ylim(min(drawn) / 1.6, max(drawn) * 1.6)
-  ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
-  ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-  ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-  ax.set_xticks(range(len(tasks)))
-  ax.set_xticklabels([f"{t['task']}\nbatch {t['batch_size']}" for t in tasks])
-  ax.set_ylabel("TKFAC's time to target / the other's\n(below 1: TKFAC got there first)")
-  ax.legend(fontsize=8, title="against", title_fontsize=8)
-  ax.grid(alpha=0.3, axis="y")
-  ax.set_title(title, fontsize=9)
+      elif _reached(task, "tkfac"):
+        top.annotate(f"{LABELS[base]}\nmissed", (x, 1.0), ha="center", va="center",
+                     fontsize=6, color=COLORS.get(base))
+  for i, task in enumerate(tasks):
+    if not _reached(task, "tkfac"):
+      top.annotate("TKFAC did not\nreach the target", (i, 1.0), ha="center", va="center",
+                   fontsize=7, color=COLORS["tkfac"])
+  top.axhline(1.0, color="gray", linewidth=1)
+  top.set_yscale("log")
+  top.set_ylim(min(drawn) / 1.6, max(drawn) * 1.6)
+  top.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
+  top.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+  top.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  top.set_ylabel("TKFAC's time to target\nover the other's (below 1:\nTKFAC got there first)",
+                 fontsize=8)
+  top.legend(fontsize=8, title="against", title_fontsize=8)
+  top.grid(alpha=0.3, axis="y")
+  top.set_title(title, fontsize=9)
+
+  methods = ["tkfac", *baselines]
+  width = 0.8 / len(methods)
+  for j, name in enumerate(methods):
+    for i, task in enumerate(tasks):
+      s = task["summary"].get(name, {})
+      if "error" in s or s.get("best") is None:
+        continue
+      target = task["target"]["value"]
+      higher = task["metric"].endswith("accuracy")
+      past = 100 * ((s["best"] - target) if higher else (target - s["best"])) / abs(target)
+      bottom.bar(i + (j - (len(methods) - 1) / 2) * width, past, width,
+                 color=COLORS.get(name), label=LABELS[name] if i == 0 else None)
+  bottom.axhline(0.0, color="gray", linewidth=1)
+  bottom.set_ylabel("best within the budget,\n% past the target", fontsize=8)
+  bottom.legend(fontsize=7, ncol=len(methods))
+  bottom.grid(alpha=0.3, axis="y")
+  bottom.set_xticks(range(len(tasks)))
+  bottom.set_xticklabels([f"{t['task']}\nbatch {t['batch_size']}" for t in tasks], fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
