@@ -281,9 +281,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   names = [n for n in args.tasks.split(",") if n]
+  image_tasks = tuple(t for t in tasks.TASKS if t not in tasks.TEXT_TASKS)
   for n in names:
-    if n not in tasks.TASKS:
-      raise SystemExit(f"Unknown task {n!r}; choose from {tasks.TASKS}.")
+    if n not in image_tasks:
+      raise SystemExit(f"Unknown task {n!r} for the defaults sweep; choose from {image_tasks} "
+                       "(the sweep runs on the image data).")
   if args.candidates is None:
     candidates = dict(CANDIDATES)
   elif args.candidates.lstrip().startswith("{"):
