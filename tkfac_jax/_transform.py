@@ -799,16 +799,16 @@ def scale_by_tkfac(
         )
     return {path: flat[path] for path in layer_states if path in flat}
 
-  def layer_damping(layer: LayerState, block: dict[str, Any]):
+  def layer_damping(layer: LayerState, block: dict[str, Any], floored):
     """The layer's ``lambda``: TKFAC's trace-proportional damping for a convolution (with
-    ``conv_damping_floor``), else ``damping`` times the block's mean eigenvalue (scale-invariant)
-    or ``damping`` itself."""
+    ``conv_damping_floor``), else ``damping`` times the block's mean eigenvalue (scale-invariant;
+    ``floored`` is its :func:`_floored_curvature`) or ``damping`` itself."""
     if conv_damping_floor is not None and _is_conv(block):
       d_in, d_out = layer.statistics.phi.shape[-1], layer.statistics.psi.shape[-1]
       return jnp.maximum(layer.statistics.delta, conv_damping_floor) / (d_in * d_out)
     if not scale_invariant:
       return damping
-    trace, size = _floored_curvature(layer, curvature, curvature_floor)
+    trace, size = floored
     return damping * trace / size
 
   def update_fn(updates, state, params=None, *, stats=_MISSING, **extra_args):
@@ -846,10 +846,17 @@ def scale_by_tkfac(
       layer_states, first_seen = _fold_due(layer_states, batch, decay, due, curvature)
       offered = list(batch)
 
+    # Each block's trace (floored) and size, for its damping and for the step's scale: the
+    # refreshes below change neither the statistics nor their peak.
+    floored = {
+        path: _floored_curvature(layer, curvature, curvature_floor)
+        for path, layer in layer_states.items()
+    }
     dampings = {
         path: jnp.broadcast_to(  # One per layer of a stack.
             jnp.asarray(
-                layer_damping(layer, _unstacked(grads[path], leads[path])), layer.damping.dtype
+                layer_damping(layer, _unstacked(grads[path], leads[path]), floored[path]),
+                layer.damping.dtype,
             ),
             layer.damping.shape,
         )
@@ -922,9 +929,7 @@ def scale_by_tkfac(
     if scale_invariant:
       # m, the mean eigenvalue of the preconditioned layers' blocks: the update (F + lambda)^-1 G
       # scales as 1/c when the loss is multiplied by c, sqrt(m) U does not.
-      traces = [
-          _floored_curvature(layer_states[p], curvature, curvature_floor) for p in layer_states
-      ]
+      traces = [floored[p] for p in layer_states]
       total = sum(
           jnp.sum(jnp.where(active[p], t, 0.0)) for p, (t, _) in zip(layer_states, traces)
       )
