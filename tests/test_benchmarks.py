@@ -2,6 +2,7 @@
 
 import json
 import math
+import pathlib
 import warnings
 
 import numpy as np
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.slow  # Benchmark smoke tests (see .ci/run).
 TINY = ["--seconds", "0.3", "--steps", "3", "--evaluations", "2", "--no-progress"]
 ONE_BATCH = ["--batch-sizes", "32"]
 KFAC_JAX_MISSING = methods.kfac_jax_unavailable()
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(tmp_path, *args):
@@ -316,3 +318,50 @@ def test_stretch_target_is_the_middle_optimizers_best_and_not_all_reach_it():
   assert summary["a"]["reached_stretch"] == 3 and summary["a"]["seconds_to_stretch"] == 1.0
   assert summary["b"]["reached_stretch"] == 0 and summary["b"]["seconds_to_stretch"] is None
   assert summary["c"]["reached_stretch"] == 1 and summary["c"]["steps_to_stretch"] == 20
+
+
+def test_attention_blocks_benchmark_compares_one_block_with_one_per_head(tmp_path, capsys):
+  """The per-head arm is the same function with each head's projections a layer of their own,
+  its statistics are per head, the fallback arm leaves out exactly the projections, and the
+  per-head arm runs (the stdlib corpus stands in for fortunes)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import tkfac_jax  # pylint: disable=import-outside-toplevel
+
+  from benchmarks import attention_blocks  # pylint: disable=import-outside-toplevel
+
+  model = attention_blocks.LanguageModel(vocab=data.VOCAB, sequence=8, width=16, blocks=1)
+  headwise = model.clone(headwise=True)
+  x = np.random.default_rng(0).integers(0, data.VOCAB, (4, 8))
+  params = model.init(jax.random.key(0), x)["params"]
+  params_h = attention_blocks.headwise_params(params, model.heads)
+  np.testing.assert_allclose(headwise.apply({"params": params_h}, x),
+                             model.apply({"params": params}, x), atol=1e-5, rtol=0)
+
+  def loss(p):
+    return headwise.apply({"params": p}, x).mean()
+
+  _, _, stats = jax.jit(tkfac_jax.value_grad_and_stats(loss))(params_h)
+  attention = stats.layers["attention_0"]
+  assert {f"query_{h}" for h in range(4)} <= set(attention)
+  assert attention["query_0"].psi.shape == (4, 4)  # One head's outputs: head_dim 16 / 4.
+  assert set(attention_blocks.projection_layers(params)) == {
+      "Embed_0", "attention_0/out", "Dense_0", "Dense_1", "Dense_2"}
+
+  # The per-head and fallback arms train (a tiny model and corpus), and the committed run's JSON
+  # summarises again into the table and plot.
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  text = np.random.default_rng(1).integers(0, data.VOCAB, (64, 9))
+  split = compare.Split(text[:48, :-1], text[:48, 1:], text[48:, :-1], text[48:, 1:], "validation")
+  task = tasks.create("lm", data.Dataset("toy", split.x_train, split.y_train, *split.eval), 8)
+  for arm, arm_model, arm_params in (("head", headwise, params_h), ("none", model, params)):
+    arm_task = dataclasses.replace(task, model=arm_model)
+    run = attention_blocks.train(arm_task, arm, arm_params, split, 0, 2, 1,
+                                 tasks.make_evaluate(arm_task))
+    assert len(run["history"]) == 3 and all(math.isfinite(l) for *_, l in run["history"])
+    assert (run["projection_state_bytes"] > 0) == (arm == "head")
+  committed = ROOT / "benchmarks" / "results" / "attention_blocks.json"
+  result = attention_blocks.main(["--rescore", str(committed), "--out", str(tmp_path / "again")])
+  assert set(result["summary"]) == set(attention_blocks.ARMS)
+  assert (tmp_path / "again.png").exists()
+  assert "head / layer: mean step" in capsys.readouterr().out
