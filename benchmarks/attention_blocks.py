@@ -11,10 +11,12 @@ width 32, 4 heads, 2 pre-LN blocks) on the same batches from the same initial we
 - ``head``: one block per head, by a model whose projections are one ``nn.Dense(head_dim)`` per
   head (the same function with the same weights, checked at the start: every head is then its
   own layer to tkfac_jax, with its own factors, damping and trace);
-- ``none``: the projections left to the fallback (Adam), every other kernel preconditioned;
+- ``none``: the projections left to the fallback (the default one: their gradient over the
+  blocks' mean curvature), every other kernel preconditioned;
 - ``adam``: Adam alone, for reference.
 
-It reports, per arm and over seeds: steps and training seconds to a validation loss, the median
+It reports, per arm and over seeds: steps and training seconds to each validation loss of
+``--targets``, the median
 and mean step (statistics and refreshes included), the optimizer state's bytes for the
 projections and XLA's peak-memory estimate of one step. Prints the machine, versions and
 settings, writes JSON and a plot::
