@@ -16,9 +16,8 @@ width 32, 4 heads, 2 pre-LN blocks) on the same batches from the same initial we
 - ``adam``: Adam alone, for reference.
 
 It reports, per arm and over seeds: steps and training seconds to each validation loss of
-``--targets``, the median
-and mean step (statistics and refreshes included), the optimizer state's bytes for the
-projections and XLA's peak-memory estimate of one step. Prints the machine, versions and
+``--targets``, the median and mean step (statistics and refreshes included), the optimizer
+state's bytes for the projections and XLA's peak-memory estimate of one step. Prints the machine, versions and
 settings, writes JSON and a plot::
 
   python benchmarks/attention_blocks.py --out benchmarks/results/attention_blocks
