@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import pathlib
 import statistics
 import sys
@@ -68,41 +69,22 @@ class HeadwiseAttention(nn.Module):
     return nn.DenseGeneral(width, axis=(-2, -1), name="out")(y)
 
 
-class LanguageModel(tasks.LanguageModel):
-  """``tasks.LanguageModel`` with its attention either Flax's (``headwise=False``) or
-  :class:`HeadwiseAttention`; the attention modules are named ``attention_{block}`` in both."""
-
-  headwise: bool = False
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    del train
-    h = nn.Embed(self.vocab, self.width)(x)
-    positions = self.param("positions", nn.initializers.normal(0.02), (self.sequence, self.width))
-    h = h + positions[None, : x.shape[1]]
-    mask = nn.make_causal_mask(x)
-    for block in range(self.blocks):
-      y = nn.LayerNorm()(h)
-      name = f"attention_{block}"
-      if self.headwise:
-        h = h + HeadwiseAttention(num_heads=self.heads, name=name)(y, mask)
-      else:
-        h = h + nn.MultiHeadDotProductAttention(num_heads=self.heads, name=name)(y, mask=mask)
-      y = nn.LayerNorm()(h)
-      h = h + nn.Dense(self.width)(nn.gelu(nn.Dense(4 * self.width)(y)))
-    return nn.Dense(self.vocab)(nn.LayerNorm()(h))
+FLAX_ATTENTION = nn.MultiHeadDotProductAttention.__name__  # Its modules' names: FLAX_ATTENTION_0.
+HEADWISE_ATTENTION = HeadwiseAttention.__name__
 
 
 def headwise_params(params: dict[str, Any], heads: int) -> dict[str, Any]:
-  """The one-block model's parameters in the headwise model's layout (the same numbers)."""
+  """The parameters of ``tasks.LanguageModel`` with Flax's attention in the layout of the same
+  model with :class:`HeadwiseAttention` (the same numbers)."""
   out = {}
   for name, node in params.items():
-    if name.startswith("attention_"):
+    if name.startswith(FLAX_ATTENTION + "_"):
       node = dict(node)
       for projection in PROJECTIONS:
         p = node.pop(projection)
         for h in range(heads):
           node[f"{projection}_{h}"] = {"kernel": p["kernel"][:, h, :], "bias": p["bias"][h]}
+      name = name.replace(FLAX_ATTENTION, HEADWISE_ATTENTION, 1)
     out[name] = node
   return out
 
@@ -114,27 +96,26 @@ def projection_layers(params: dict[str, Any]) -> list[str]:
 
   def visit(node, path):
     if "kernel" in node or "embedding" in node:
-      if not (path[-2].startswith("attention_") and path[-1] in PROJECTIONS):
+      in_attention = len(path) > 1 and path[-2].startswith(FLAX_ATTENTION + "_")
+      if not (in_attention and path[-1] in PROJECTIONS):
         paths.append("/".join(path))
       return
     for key, child in node.items():
       if isinstance(child, dict):
         visit(child, (*path, key))
 
-  visit(params, ("",))
-  return [p.lstrip("/") for p in paths]
+  visit(params, ())
+  return paths
 
 
-def state_bytes(opt_state, projections: bool) -> int:
-  """Bytes of the preconditioner state of the attention's query/key/value layers."""
+def state_bytes(opt_state) -> int:
+  """Bytes of the preconditioner state of the attention's query, key and value layers (one
+  block each, or one per head)."""
   total = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-    keys = [getattr(k, "key", getattr(k, "name", "")) for k in path]
-    names = [k for k in keys if isinstance(k, str)]
-    if "layers" not in names:
-      continue
-    is_projection = any(n.split("_")[0] in PROJECTIONS and n != "out" for n in names)
-    if is_projection == projections:
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]  # Dict keys, fields.
+    names = [n for n in names if isinstance(n, str)]
+    if "layers" in names and any(n.split("_")[0] in PROJECTIONS for n in names):
       total += leaf.size * leaf.dtype.itemsize
   return total
 
@@ -155,7 +136,7 @@ def train(task: tasks.Task, arm: str, params, split: compare.Split, seed: int, s
   order = compare.batches(len(split.y_train), task.batch_size, seed)
   first = next(order)
   state = runner.start(params, {}, split.x_train[first], split.y_train[first])
-  projection_bytes = state_bytes(state[2], True) if arm != "adam" else 0
+  projection_bytes = state_bytes(state[2]) if arm != "adam" else 0
   history = [(0, 0.0, evaluate(state[0], {}, *split.eval)["loss"])]
   seconds = []
   indices = first
@@ -196,8 +177,8 @@ def summarize(runs: list[dict[str, Any]], arms: list[str], targets: list[float])
       hits = [reached(r["history"], target) for r in mine]
       to[str(target)] = {
           "steps": [s for s, _ in hits], "seconds": [t for _, t in hits],
-          "median_steps": _median([s for s, _ in hits]),
-          "median_seconds": _median([t for _, t in hits]),
+          "median_steps": compare.median([s for s, _ in hits]),
+          "median_seconds": compare.median([t for _, t in hits]),
       }
     summary[arm] = {
         "to_target": to,
@@ -251,15 +232,18 @@ def main(argv=None) -> dict[str, Any]:
   args = parser.parse_args(argv)
   targets = [float(t) for t in args.targets.split(",")]
   if args.rescore:
-    import json  # pylint: disable=import-outside-toplevel
-
     result = json.loads(pathlib.Path(args.rescore).read_text())
+    if not all(k in result for k in ("runs", "machine", "versions", "settings")):
+      raise SystemExit(f"--rescore: {args.rescore} is not a JSON that attention_blocks.py wrote.")
     print(machine.describe(result["machine"], result["versions"]), result["date"])
     arms = list(dict.fromkeys(r["arm"] for r in result["runs"]))
     seeds = len({r["seed"] for r in result["runs"]})
     result["settings"]["targets"] = targets
   else:
-    arms = args.arms.split(",")
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+      raise SystemExit(f"--arms: unknown {unknown or args.arms!r}; choose from {ARMS}.")
     seeds = args.seeds
     result = _train_all(args, arms, targets)
   result["summary"] = summarize(result["runs"], arms, targets)
@@ -271,8 +255,8 @@ def main(argv=None) -> dict[str, Any]:
 def _train_all(args, arms: list[str], targets: list[float]) -> dict[str, Any]:
   dataset = data.load_text(args.text_dir)
   task = tasks.create("lm", dataset, args.batch_size)
-  base = LanguageModel(vocab=data.VOCAB, sequence=dataset.x_train.shape[1])
-  headwise = dataclasses.replace(base, headwise=True)
+  base = task.model
+  headwise = base.clone(attention=HeadwiseAttention)
   found = machine.header({
       "task": task.description, "corpus": dataset.name, "batch": task.batch_size,
       "steps": args.steps, "seeds": args.seeds, "targets": targets,
@@ -302,11 +286,6 @@ def _train_all(args, arms: list[str], targets: list[float]) -> dict[str, Any]:
   return {**found, "runs": runs}
 
 
-def _median(values):
-  values = [v for v in values if v is not None]
-  return statistics.median(values) if values else None
-
-
 def _fmt(value, digits: int = 0) -> str:
   return "-" if value is None else f"{value:.{digits}f}"
 
@@ -316,8 +295,6 @@ def _ratio(a, b) -> str:
 
 
 def _plot(result: dict[str, Any], out: str, targets: list[float]) -> None:
-  import json  # pylint: disable=import-outside-toplevel
-
   import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use("Agg")

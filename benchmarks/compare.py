@@ -362,7 +362,8 @@ def to_target(metric: str, run: dict[str, Any], target: float | None) -> tuple:
   return None, None
 
 
-def _median(values: Sequence[float | None]) -> float | None:
+def median(values: Sequence[float | None]) -> float | None:
+  """The median of the finite values (``None`` for a run that did not get there), or None."""
   values = [v for v in values if v is not None and math.isfinite(v)]
   return statistics.median(values) if values else None
 
@@ -402,7 +403,7 @@ def summarize(metric: str, runs: Sequence[dict[str, Any]], names: Sequence[str],
         "diverged": sum(r["diverged"] for r in ok),
         "reached_target": sum(s is not None for s, _ in reached),
         "reached_stretch": sum(s is not None for s, _ in stretched),
-        **{k: _median(v) for k, v in figures.items()},
+        **{k: median(v) for k, v in figures.items()},
         "spread": {k: _spread(v) for k, v in figures.items()},
     }
   return summary

@@ -103,6 +103,8 @@ class LanguageModel(nn.Module):
   heads: int = 4
   blocks: int = 2
   sequence: int = 32
+  # The attention module: called as ``attention(num_heads=heads)(y, mask=mask)``.
+  attention: Any = nn.MultiHeadDotProductAttention
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -113,7 +115,7 @@ class LanguageModel(nn.Module):
     mask = nn.make_causal_mask(x)
     for _ in range(self.blocks):
       y = nn.LayerNorm()(h)
-      h = h + nn.MultiHeadDotProductAttention(num_heads=self.heads)(y, mask=mask)
+      h = h + self.attention(num_heads=self.heads)(y, mask=mask)
       y = nn.LayerNorm()(h)
       h = h + nn.Dense(self.width)(nn.gelu(nn.Dense(4 * self.width)(y)))
     return nn.Dense(self.vocab)(nn.LayerNorm()(h))

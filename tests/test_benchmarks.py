@@ -1,14 +1,17 @@
 """The benchmarks run end to end on a tiny budget (no timing assertions), so they cannot rot."""
 
+import dataclasses
 import json
 import math
 import pathlib
 import warnings
 
+import jax
 import numpy as np
 import pytest
+import tkfac_jax
 
-from benchmarks import compare, data, methods, step_cost, tasks, train
+from benchmarks import attention_blocks, compare, data, methods, step_cost, tasks, train
 from benchmarks import report as report_module
 
 pytestmark = pytest.mark.slow  # Benchmark smoke tests (see .ci/run).
@@ -324,13 +327,8 @@ def test_attention_blocks_benchmark_compares_one_block_with_one_per_head(tmp_pat
   """The per-head arm is the same function with each head's projections a layer of their own,
   its statistics are per head, the fallback arm leaves out exactly the projections, and the
   per-head arm runs (the stdlib corpus stands in for fortunes)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import tkfac_jax  # pylint: disable=import-outside-toplevel
-
-  from benchmarks import attention_blocks  # pylint: disable=import-outside-toplevel
-
-  model = attention_blocks.LanguageModel(vocab=data.VOCAB, sequence=8, width=16, blocks=1)
-  headwise = model.clone(headwise=True)
+  model = tasks.LanguageModel(vocab=data.VOCAB, sequence=8, width=16, blocks=1)
+  headwise = model.clone(attention=attention_blocks.HeadwiseAttention)
   x = np.random.default_rng(0).integers(0, data.VOCAB, (4, 8))
   params = model.init(jax.random.key(0), x)["params"]
   params_h = attention_blocks.headwise_params(params, model.heads)
@@ -341,16 +339,14 @@ def test_attention_blocks_benchmark_compares_one_block_with_one_per_head(tmp_pat
     return headwise.apply({"params": p}, x).mean()
 
   _, _, stats = jax.jit(tkfac_jax.value_grad_and_stats(loss))(params_h)
-  attention = stats.layers["attention_0"]
+  attention = stats.layers["HeadwiseAttention_0"]
   assert {f"query_{h}" for h in range(4)} <= set(attention)
   assert attention["query_0"].psi.shape == (4, 4)  # One head's outputs: head_dim 16 / 4.
   assert set(attention_blocks.projection_layers(params)) == {
-      "Embed_0", "attention_0/out", "Dense_0", "Dense_1", "Dense_2"}
+      "Embed_0", "MultiHeadDotProductAttention_0/out", "Dense_0", "Dense_1", "Dense_2"}
 
   # The per-head and fallback arms train (a tiny model and corpus), and the committed run's JSON
   # summarises again into the table and plot.
-  import dataclasses  # pylint: disable=import-outside-toplevel
-
   text = np.random.default_rng(1).integers(0, data.VOCAB, (64, 9))
   split = compare.Split(text[:48, :-1], text[:48, 1:], text[48:, :-1], text[48:, 1:], "validation")
   task = tasks.create("lm", data.Dataset("toy", split.x_train, split.y_train, *split.eval), 8)
@@ -365,3 +361,5 @@ def test_attention_blocks_benchmark_compares_one_block_with_one_per_head(tmp_pat
   assert set(result["summary"]) == set(attention_blocks.ARMS)
   assert (tmp_path / "again.png").exists()
   assert "head / layer: mean step" in capsys.readouterr().out
+  with pytest.raises(SystemExit, match="--arms: unknown.*'heads'"):
+    attention_blocks.main(["--arms", "layer,heads"])
