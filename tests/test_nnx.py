@@ -123,6 +123,10 @@ def _xent(logits, y):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
+# Both sides of every comparison run the same update; Cholesky inverses make it a smaller program
+# to compile than Newton-Schulz's (tested on its own in test_inverses and test_spread_refresh).
+INVERSES = "cholesky"
+
 @pytest.mark.parametrize("curvature", ["tkfac", "kfac"])
 @pytest.mark.parametrize("kind", list(_MODELS))
 def test_nnx_model_gives_the_linen_statistics_and_updates(kind, curvature):
@@ -130,7 +134,9 @@ def test_nnx_model_gives_the_linen_statistics_and_updates(kind, curvature):
   for every layer, and three nnx.Optimizer steps give the linen optimizer's parameters."""
   model, linen_model, params = _models(kind)
   x, y = _data(kind)
-  tx = lambda: tkfac_jax.tkfac(0.1, curvature=curvature, stats_every=1, inverse_every=2)  # noqa: E731
+  tx = lambda: tkfac_jax.tkfac(  # noqa: E731
+      0.1, curvature=curvature, stats_every=1, inverse_every=2, inverse_method=INVERSES
+  )
 
   def nnx_loss(model, x, y):
     return _xent(model(x), y)
@@ -291,7 +297,9 @@ def test_nnx_scan_stack_gives_the_unrolled_statistics_and_updates(curvature, rem
   unrolled = _UnrolledNet(nnx.Rngs(1))
   nnx.update(unrolled, _unroll(nnx.to_pure_dict(nnx.state(scanned, nnx.Param))))
   x, y = _data("mlp")
-  tx = lambda: tkfac_jax.tkfac(0.1, curvature=curvature, stats_every=1, inverse_every=2)  # noqa: E731
+  tx = lambda: tkfac_jax.tkfac(  # noqa: E731
+      0.1, curvature=curvature, stats_every=1, inverse_every=2, inverse_method=INVERSES
+  )
   loss = lambda model, x, y: _xent(model(x), y)  # noqa: E731
 
   @nnx.jit

@@ -22,6 +22,9 @@ from tkfac_jax import _transform
 from tkfac_jax import _tree
 
 DEPTH, WIDTH, CLASSES, BATCH = 3, 6, 4, 16
+# The scanned and unrolled nets of a comparison run the same update; Cholesky inverses make it a
+# smaller program to compile than Newton-Schulz's, whose refresh of a stack has its own test below.
+INVERSES = "cholesky"
 
 
 class _Block(nn.Module):
@@ -128,7 +131,7 @@ def test_stack_whose_depth_equals_its_input_width_needs_the_hint():
   (loss_s, params_s), (loss_u, params_u), batch = _problem(width=DEPTH)
   with pytest.raises(ValueError, match=r"'blocks/up'.*stacked=\{'blocks/up': 1\}"):
     _run(loss_s, params_s, batch, tkfac_jax.tkfac(0.1), steps=1)
-  tx = lambda **kw: tkfac_jax.tkfac(0.1, stats_every=1, **kw)  # noqa: E731
+  tx = lambda **kw: tkfac_jax.tkfac(0.1, stats_every=1, inverse_method=INVERSES, **kw)  # noqa: E731
   got, _ = _run(loss_s, params_s, batch, tx(stacked={"blocks": 1}), steps=2)
   want, _ = _run(loss_u, params_u, batch, tx(), steps=2)
   references.assert_trees_close([_unstack(g) for g in got], want, references.REFERENCE)
@@ -137,8 +140,13 @@ def test_stack_whose_depth_equals_its_input_width_needs_the_hint():
 def test_layers_can_name_a_stack():
   """``layers=`` selects a stack by its path; the others take the fallback, as unrolled."""
   (loss_s, params_s), (loss_u, params_u), batch = _problem()
-  tx_s = tkfac_jax.tkfac(0.1, stats_every=1, layers=["blocks/up", "head"])
-  tx_u = tkfac_jax.tkfac(0.1, stats_every=1, layers=[f"block_{i}/up" for i in range(DEPTH)] + ["head"])
+  tx_s = tkfac_jax.tkfac(
+      0.1, stats_every=1, inverse_method=INVERSES, layers=["blocks/up", "head"]
+  )
+  tx_u = tkfac_jax.tkfac(
+      0.1, stats_every=1, inverse_method=INVERSES,
+      layers=[f"block_{i}/up" for i in range(DEPTH)] + ["head"],
+  )
   got, state = _run(loss_s, params_s, batch, tx_s, steps=2)
   want, _ = _run(loss_u, params_u, batch, tx_u, steps=2)
   references.assert_trees_close([_unstack(g) for g in got], want, references.REFERENCE)
@@ -152,7 +160,8 @@ def test_multi_steps_and_diagnostics_with_a_stack(curvature="kfac"):
   stack."""
   (loss_s, params_s), (loss_u, params_u), batch = _problem()
   tx = lambda: tkfac_jax.multi_steps(  # noqa: E731
-      tkfac_jax.tkfac(0.1, curvature=curvature, stats_every=1), every_k=2
+      tkfac_jax.tkfac(0.1, curvature=curvature, stats_every=1, inverse_method=INVERSES),
+      every_k=2,
   )
 
   def run(loss, params):
