@@ -4,6 +4,8 @@ Measures, on one model and batch in one run, the median wall-clock time of:
 
 - ``adam``: a plain ``jax.value_and_grad`` step with Adam (the baseline);
 - ``sgd``: the same with SGD and momentum;
+- ``precondition_floor``: the same with ``P G Q`` for every layer's gradient block, fixed square
+  matrices of the factors' sizes: the matrix products that any Kronecker-factored step adds;
 - ``tkfac_stats``: a TKFAC step that captures statistics (no inverse refresh);
 - ``tkfac_no_stats``: a TKFAC step with ``stats=None`` (plain ``value_and_grad``; no refresh);
 - ``tkfac_refresh``: a TKFAC step that captures statistics and recomputes the inverses (by
@@ -13,8 +15,9 @@ Measures, on one model and batch in one run, the median wall-clock time of:
   where they are not (which should cost what ``tkfac_no_stats`` costs: the ratio is printed);
 
 and from them the amortised cost per step of capturing statistics every ``T_stats`` steps and
-recomputing inverses every ``T_inv`` steps. Prints the machine, versions and settings, writes JSON
-and a plot::
+recomputing inverses every ``T_inv`` steps; then runs whose every step is timed, each taken apart
+into the step without statistics, the statistics' share and the refreshes'. Prints the machine,
+versions and settings, writes JSON and a plot::
 
   python benchmarks/step_cost.py --out results/step_cost
 """
@@ -162,6 +165,30 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     return step
 
+  def floor_step(tx):
+    """The least a Kronecker-factored step can cost: the gradient, then ``P G Q`` for every
+    layer with fixed ``(d_in + 1)`` and ``d_out`` square matrices (the products a TKFAC step adds
+    to Adam's, whatever their values), then SGD with momentum. No statistics, no inverses."""
+    mats = {
+        name: (jnp.eye(layer["kernel"].shape[0] + 1), jnp.eye(layer["kernel"].shape[1]))
+        for name, layer in params.items()
+    }
+    precision = jax.lax.Precision.HIGHEST  # As the library's products.
+
+    @jit
+    def step(params, opt_state, x, y):
+      grads = jax.grad(loss_fn)(params, x, y)
+      directions = {}
+      for name, g in grads.items():
+        block = jnp.concatenate([g["kernel"], g["bias"][None]], axis=0)
+        left, right = mats[name]
+        u = jnp.matmul(jnp.matmul(left, block, precision=precision), right, precision=precision)
+        directions[name] = {"kernel": u[:-1], "bias": u[-1]}
+      updates, opt_state = tx.update(directions, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    return step
+
   # inverse_every=1 refreshes every step; a huge inverse_every never refreshes after step 0.
   huge = 2**30
   never = tkfac_jax.tkfac(0.01, 1e-2, stats_every=1, inverse_every=huge)
@@ -176,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   cases = {
       "adam": (plain(adam), adam),
       "sgd": (plain(sgd), sgd),
+      "precondition_floor": (floor_step(sgd), sgd),
       "tkfac_stats": (tkfac_step(never, True), never),
       "tkfac_no_stats": (tkfac_step(never, False), never),
       "tkfac_refresh": (tkfac_step(always, True), always),
@@ -185,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   timings = {}
   for name, (step, tx) in cases.items():
     opt_state = tx.init(params)
-    if tx is not always and name not in ("adam", "sgd"):
+    if tx is not always and name not in ("adam", "sgd", "precondition_floor"):
       # Take the step-0 statistics and refresh out of the way before timing.
       _, opt_state = tkfac_step(tx, True)(jax.tree.map(jnp.copy, params), opt_state, x, y)
     timings[name] = time_step(step, (params, opt_state), batches, args.repeats, args.steps)
@@ -242,6 +270,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     "mean_over_adam": mean / median["adam"]}
       print(f"| {name} | {1e3 * med:.2f} | {1e3 * big:.2f} | {big / med:.1f} | "
             f"{later / med:.1f} | {1e3 * mean:.2f} | {mean / median['adam']:.2f} |")
+      runs[name]["parts_over_adam"] = _parts(times, cadence["stats_every"], median["adam"])
+    print()
+    print("where each run's mean step goes, in Adam steps: the median step without statistics "
+          "(a spread refresh's blocks fall on about half the steps of a period, so it may carry "
+          "one), the statistics steps' extra cost spread over their period, and the rest (the "
+          "refreshes that the median leaves out):")
+    print("| cadence | mean | step without statistics | statistics | refreshes and rest |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, run in runs.items():
+      parts = run["parts_over_adam"]
+      print(f"| {name} | {run['mean_over_adam']:.2f} | {parts['plain_step']:.2f} | "
+            f"{parts['statistics']:.2f} | {parts['refreshes_and_rest']:.2f} |")
+    print(f"(a step of the gradient and the preconditioning products alone, with fixed "
+          f"matrices: {median['precondition_floor'] / median['adam']:.2f}x Adam)")
 
   result = {
       **header,
@@ -268,6 +310,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     _plot_runs(runs, median["adam"], pathlib.Path(args.out).with_name(
         pathlib.Path(args.out).name + "_steps.png"), title)
   return result
+
+
+def _parts(times: list[float], stats_every: int, adam_seconds: float) -> dict[str, float]:
+  """A run's mean step, taken apart in Adam steps: the median step without statistics, the
+  statistics steps' extra time over ``stats_every`` steps, and what is left (the refreshes).
+
+  ``times[i]`` is step ``i + 1``'s (step 0 is not timed); statistics are due where the step
+  count is a multiple of ``stats_every``.
+  """
+  due = [(i + 1) % stats_every == 0 for i in range(len(times))]
+  plain = statistics.median(t for t, d in zip(times, due) if not d) if not all(due) else 0.0
+  with_stats = [t for t, d in zip(times, due) if d]
+  extra = (statistics.median(with_stats) - plain) / stats_every if with_stats else 0.0
+  rest = statistics.mean(times) - plain - extra
+  return {"plain_step": plain / adam_seconds, "statistics": extra / adam_seconds,
+          "refreshes_and_rest": rest / adam_seconds}
 
 
 def _plot_runs(runs: dict, adam_seconds: float, path: pathlib.Path, title: str) -> None:

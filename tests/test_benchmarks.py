@@ -193,8 +193,8 @@ def test_step_cost_benchmark_runs(tmp_path, capsys):
       "--hidden", "8", "--inputs", "12", "--batch-size", "4", "--repeats", "2", "--steps", "1",
       "--run-steps", "12", "--runs", "2", "--out", str(out),
   ])
-  kinds = {"adam", "sgd", "tkfac_stats", "tkfac_no_stats", "tkfac_refresh", "gated_due",
-           "gated_off"}
+  kinds = {"adam", "sgd", "precondition_floor", "tkfac_stats", "tkfac_no_stats", "tkfac_refresh",
+           "gated_due", "gated_off"}
   assert set(result["median_seconds_per_step"]) == kinds
   assert result["gated_off_over_no_stats"] > 0 and result["gated_due_over_stats"] > 0
   assert len(result["cadence_runs"]) == 2
@@ -202,6 +202,7 @@ def test_step_cost_benchmark_runs(tmp_path, capsys):
     assert len(run["seconds"]) == 12 and run["largest_over_median"] >= 1.0
     later = max(run["seconds"][step_cost.WARMUP_STEPS:]) / run["median"]
     assert run["largest_after_warmup_over_median"] == later <= run["largest_over_median"]
+    assert set(run["parts_over_adam"]) == {"plain_step", "statistics", "refreshes_and_rest"}
   assert out.with_name("step_cost_steps.png").stat().st_size > 0
   assert all(len(v) == 2 for v in result["seconds_per_step"].values())
   assert all(math.isfinite(v) and v > 0 for v in result["median_seconds_per_step"].values())
@@ -211,6 +212,16 @@ def test_step_cost_benchmark_runs(tmp_path, capsys):
   printed = capsys.readouterr().out
   assert "machine:" in printed and "| tkfac_refresh |" in printed
   assert "off-cadence" in printed and "| stats 1, inverses 10, all at once |" in printed
+  assert "where each run's mean step goes" in printed and "preconditioning products alone" in printed
+
+
+def test_step_cost_takes_a_run_apart_into_plain_steps_statistics_and_refreshes():
+  """Steps 1..6, statistics due on the even ones (3 ms against 1 ms), one 11-ms refresh on step
+  5: plain steps 1 ms, statistics (3 - 1) / 2 = 1 ms a step, and the rest 22/6 - 2 ms a step."""
+  parts = step_cost._parts([1.0, 3.0, 1.0, 3.0, 11.0, 3.0], stats_every=2, adam_seconds=0.5)
+  assert parts["plain_step"] == pytest.approx(2.0)
+  assert parts["statistics"] == pytest.approx(2.0)
+  assert parts["refreshes_and_rest"] == pytest.approx((22 / 6 - 2) / 0.5)
 
 
 def test_inverse_methods_benchmark_runs(tmp_path, capsys):
