@@ -56,18 +56,28 @@ class MLP(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
-def time_step(step: Callable, state, batches, repeats: int, steps: int) -> list[float]:
-  """Median-ready list of seconds per step: ``repeats`` blocks of ``steps`` steps each, cycling
-  through ``batches`` (so that the factors move between refreshes as they do in training)."""
-  state = jax.tree.map(jnp.copy, state)  # The step may donate its inputs.
-  state = jax.block_until_ready(step(*state, *batches[0]))  # Compile and warm up.
-  per_step = []
+def time_steps(cases: dict, batches, repeats: int, steps: int) -> dict[str, list[float]]:
+  """Median-ready lists of seconds per step, per case: ``repeats`` rounds, each timing a block of
+  ``steps`` steps of every case in turn (cycling through ``batches``, so that the factors move
+  between refreshes as they do in training). Interleaved, so that a slow minute of a shared
+  machine falls on every case alike rather than on one.
+
+  ``cases[name] = (step, state)``; each step is compiled and run once before the timing.
+  """
+  states = {}
+  for name, (step, state) in cases.items():
+    state = jax.tree.map(jnp.copy, state)  # The step may donate its inputs.
+    states[name] = jax.block_until_ready(step(*state, *batches[0]))  # Compile and warm up.
+  per_step = {name: [] for name in cases}
   for _ in range(repeats):
-    start = time.perf_counter()
-    for i in range(steps):
-      state = step(*state, *batches[i % len(batches)])
-    jax.block_until_ready(state)
-    per_step.append((time.perf_counter() - start) / steps)
+    for name, (step, _) in cases.items():
+      state = states[name]
+      start = time.perf_counter()
+      for i in range(steps):
+        state = step(*state, *batches[i % len(batches)])
+      jax.block_until_ready(state)
+      per_step[name].append((time.perf_counter() - start) / steps)
+      states[name] = state
   return per_step
 
 
@@ -210,13 +220,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
       "gated_due": (gated_step(gated_due), gated_due),
       "gated_off": (gated_step(gated_off), gated_off),
   }
-  timings = {}
+  timed = {}
   for name, (step, tx) in cases.items():
     opt_state = tx.init(params)
     if tx is not always and name not in ("adam", "sgd", "precondition_floor"):
       # Take the step-0 statistics and refresh out of the way before timing.
       _, opt_state = tkfac_step(tx, True)(jax.tree.map(jnp.copy, params), opt_state, x, y)
-    timings[name] = time_step(step, (params, opt_state), batches, args.repeats, args.steps)
+    timed[name] = (step, (params, opt_state))
+  timings = time_steps(timed, batches, args.repeats, args.steps)
   median = {name: statistics.median(t) for name, t in timings.items()}
 
   stats_cost = median["tkfac_stats"] - median["tkfac_no_stats"]
