@@ -127,6 +127,7 @@ def _xent(logits, y):
 # to compile than Newton-Schulz's (tested on its own in test_inverses and test_spread_refresh).
 INVERSES = "cholesky"
 
+
 @pytest.mark.parametrize("curvature", ["tkfac", "kfac"])
 @pytest.mark.parametrize("kind", list(_MODELS))
 def test_nnx_model_gives_the_linen_statistics_and_updates(kind, curvature):
