@@ -154,9 +154,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results"),
                  help="directory for results.json, results.md and <task>.png (default: results)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  p.add_argument("--rescore", type=pathlib.Path, metavar="JSON",
+  p.add_argument("--rescore", type=pathlib.Path, metavar="JSON", nargs="+",
                  help="train nothing: recompute the targets, summaries and ratios of a "
-                 "results.json with this version's rules and write the outputs to --out")
+                 "results.json with this version's rules and write the outputs to --out; "
+                 "several (runs on one machine) make one report, one table per task and batch "
+                 "size and one verdict plot")
   return p.parse_args(argv)
 
 
@@ -167,15 +169,37 @@ def _budgets() -> dict[str, dict[str, tasks.Budget]]:
   return {name: tasks.create(name, stand_in).budgets for name in tasks.TASKS}
 
 
+def _merged(reports: list[dict[str, Any]], paths: list[pathlib.Path]) -> dict[str, Any]:
+  """One report of several runs' ``results.json``: their tasks in order, under the first one's
+  machine and versions, which every other must share (figures from different machines or
+  versions are not put side by side)."""
+  full = dict(reports[0])
+  for path, other in zip(paths[1:], reports[1:]):
+    for key in ("machine", "versions"):
+      mine = {k: v for k, v in full[key].items() if k != "load_average"}
+      theirs = {k: v for k, v in other[key].items() if k != "load_average"}
+      if mine != theirs:
+        raise SystemExit(f"--rescore: {path} was run with another {key} than {paths[0]}: "
+                         f"{theirs} against {mine}; rescore it on its own.")
+  full["tasks"] = [{"dataset": r["dataset"], **task} for r in reports for task in r["tasks"]]
+  for key, join in (("date", ", "), ("command", "`; `"), ("dataset", ", ")):
+    full[key] = join.join(dict.fromkeys(str(r[key]) for r in reports))
+  for key in ("budget", "seeds"):
+    if any(r.get(key) != full.get(key) for r in reports):
+      full[key] = "mixed"
+  full["total_seconds"] = sum(r["total_seconds"] for r in reports)
+  full["rescored"] = ("by this version's rules from " + ", ".join(str(p) for p in paths))
+  return full
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs the comparison and writes its report; returns what ``results.json`` holds."""
   start = time.perf_counter()
   args = parse_args(argv)
   if args.rescore is not None:
-    full = json.loads(args.rescore.read_text())
+    full = _merged([json.loads(path.read_text()) for path in args.rescore], args.rescore)
     full["tasks"] = [compare.score(t) for t in full["tasks"]]
     full["notes"] = NOTES
-    full["rescored"] = f"by this version's rules from {args.rescore.name}"
     for result in full["tasks"]:
       print(report.task_table(result))
     write_outputs(full, args.out)

@@ -89,6 +89,22 @@ def test_every_optimizer_at_two_batch_sizes_against_a_fixed_target(tmp_path, cap
       json.dumps([t["summary"] for t in report["tasks"]]))
   assert (tmp_path / "again" / "mlp_b32.png").stat().st_size > 0
 
+  # Several runs' JSON make one report; runs from another machine are refused, naming the file.
+  other = json.loads((out / "results.json").read_text())
+  other["tasks"] = other["tasks"][:1]
+  other["command"] = "python benchmarks/train.py --task mlp --batch-sizes 16"
+  (tmp_path / "other.json").write_text(json.dumps(other))
+  both = train.main(["--rescore", str(out / "results.json"), str(tmp_path / "other.json"),
+                     "--out", str(tmp_path / "both")])
+  assert [t["batch_size"] for t in both["tasks"]] == [16, 32, 16]
+  assert "--batch-sizes 16" in both["command"] and "--batch-sizes 16,32" in both["command"]
+  assert (tmp_path / "both" / "verdict.png").stat().st_size > 0
+  other["machine"] = {**other["machine"], "cpu": "another processor"}
+  (tmp_path / "other.json").write_text(json.dumps(other))
+  with pytest.raises(SystemExit, match="other.json was run with another machine"):
+    train.main(["--rescore", str(out / "results.json"), str(tmp_path / "other.json"),
+                "--out", str(tmp_path / "refused")])
+
 
 def test_the_language_model_task_preconditions_every_kernel(tmp_path, capsys):
   """The transformer task trains on the standard library's source where no text corpus is
