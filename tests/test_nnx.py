@@ -128,8 +128,10 @@ def _xent(logits, y):
 INVERSES = "cholesky"
 
 
-@pytest.mark.parametrize("curvature", ["tkfac", "kfac"])
-@pytest.mark.parametrize("kind", list(_MODELS))
+# K-FAC's statistics come from the same captured inputs and output gradients as TKFAC's: one model
+# with K-FAC says that the NNX capture hands it what linen's does.
+@pytest.mark.parametrize(("kind", "curvature"), [
+    ("mlp", "tkfac"), ("mlp", "kfac"), ("conv", "tkfac"), ("attention", "tkfac")])
 def test_nnx_model_gives_the_linen_statistics_and_updates(kind, curvature):
   """The NNX model and the linen model with its weights: the same loss, gradient and statistics
   for every layer, and three nnx.Optimizer steps give the linen optimizer's parameters."""
@@ -289,8 +291,9 @@ def _unroll(tree):
   return tree
 
 
-@pytest.mark.parametrize("remat", [False, True], ids=["scan", "scan+remat"])
-@pytest.mark.parametrize("curvature", ["tkfac", "kfac"])
+@pytest.mark.parametrize(("curvature", "remat"), [
+    ("tkfac", False), ("kfac", False), ("tkfac", True)], ids=["tkfac-scan", "kfac-scan",
+                                                             "tkfac-scan+remat"])
 def test_nnx_scan_stack_gives_the_unrolled_statistics_and_updates(curvature, remat):
   """Each layer of an nnx.scan stack has its own factors: statistics and three optimizer steps
   equal those of the same layers unrolled, with the same weights."""

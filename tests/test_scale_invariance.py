@@ -8,6 +8,8 @@ a Kronecker block (here a LayerNorm's) are preconditioned by that mean curvature
 the KL clip.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -48,19 +50,27 @@ def _loss(scale):
   return loss
 
 
-def _train(scale, steps=3, **options):
-  """The parameters after ``steps`` updates of ``tkfac`` on the loss times ``scale``."""
-  tx = tkfac_jax.tkfac(LR, DAMPING, kl_clip=KL_CLIP, inverse_every=2, **options)
+@functools.cache
+def _trainer(scale_invariant=True):
+  """``tkfac`` and its jitted step, the loss's scale an argument: one compile serves every scale."""
+  tx = tkfac_jax.tkfac(LR, DAMPING, kl_clip=KL_CLIP, inverse_every=2,
+                       scale_invariant=scale_invariant)
 
   @jax.jit
-  def step(params, state, x, y):
+  def step(params, state, x, y, scale):
     _, grads, stats = tkfac_jax.value_grad_and_stats(_loss(scale))(params, x, y)
     updates, state = tx.update(grads, state, params, stats=stats)
     return optax.apply_updates(params, updates), state
 
+  return tx, step
+
+
+def _train(scale, steps=3, scale_invariant=True):
+  """The parameters after ``steps`` updates of ``tkfac`` on the loss times ``scale``."""
+  tx, step = _trainer(scale_invariant)
   params, state = PARAMS, tx.init(PARAMS)
   for i in range(steps):
-    params, state = step(params, state, *_batch(i))
+    params, state = step(params, state, *_batch(i), jnp.float32(scale))
   return params
 
 
