@@ -169,6 +169,24 @@ def _budgets() -> dict[str, dict[str, tasks.Budget]]:
   return {name: tasks.create(name, stand_in).budgets for name in tasks.TASKS}
 
 
+_REPORT_KEYS = ("tasks", "machine", "versions", "date", "command", "dataset", "total_seconds")
+
+
+def _read_report(path: pathlib.Path) -> dict[str, Any]:
+  """A ``results.json`` of this script, or an exit naming the file and what is wrong with it."""
+  try:
+    report = json.loads(path.read_text())
+  except FileNotFoundError:
+    raise SystemExit(f"--rescore: {path} does not exist.") from None
+  except json.JSONDecodeError as e:
+    raise SystemExit(f"--rescore: {path} is not JSON ({e}).") from None
+  missing = [k for k in _REPORT_KEYS if k not in report] if isinstance(report, dict) else ["tasks"]
+  if missing:
+    raise SystemExit(f"--rescore: {path} is not a results.json of benchmarks/train.py (it has no "
+                     f"{', '.join(repr(k) for k in missing)}).")
+  return report
+
+
 def _merged(reports: list[dict[str, Any]], paths: list[pathlib.Path]) -> dict[str, Any]:
   """One report of several runs' ``results.json``: their tasks in order, under the first one's
   machine and versions, which every other must share (figures from different machines or
@@ -197,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   start = time.perf_counter()
   args = parse_args(argv)
   if args.rescore is not None:
-    full = _merged([json.loads(path.read_text()) for path in args.rescore], args.rescore)
+    full = _merged([_read_report(path) for path in args.rescore], args.rescore)
     full["tasks"] = [compare.score(t) for t in full["tasks"]]
     full["notes"] = NOTES
     for result in full["tasks"]:

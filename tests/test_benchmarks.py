@@ -104,6 +104,12 @@ def test_every_optimizer_at_two_batch_sizes_against_a_fixed_target(tmp_path, cap
   with pytest.raises(SystemExit, match="other.json was run with another machine"):
     train.main(["--rescore", str(out / "results.json"), str(tmp_path / "other.json"),
                 "--out", str(tmp_path / "refused")])
+  # A file that is missing, or is not this script's results.json, is named, not a traceback.
+  (tmp_path / "foreign.json").write_text('{"summary": {}}')
+  with pytest.raises(SystemExit, match="foreign.json is not a results.json.*'tasks'"):
+    train.main(["--rescore", str(tmp_path / "foreign.json"), "--out", str(tmp_path / "refused")])
+  with pytest.raises(SystemExit, match="missing.json does not exist"):
+    train.main(["--rescore", str(tmp_path / "missing.json"), "--out", str(tmp_path / "refused")])
 
 
 def test_the_language_model_task_preconditions_every_kernel(tmp_path, capsys):
