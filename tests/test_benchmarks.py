@@ -112,6 +112,7 @@ def test_every_optimizer_at_two_batch_sizes_against_a_fixed_target(tmp_path, cap
     train.main(["--rescore", str(tmp_path / "missing.json"), "--out", str(tmp_path / "refused")])
 
 
+@pytest.mark.oldest_env  # See .ci/run.
 def test_the_language_model_task_preconditions_every_kernel(tmp_path, capsys):
   """The transformer task trains on the standard library's source where no text corpus is
   installed (saying so), scores the held-out loss against its fixed target, and TKFAC
@@ -208,6 +209,7 @@ def test_tuning_on_a_validation_split_then_medians_over_seeds(tmp_path):
   assert summary["reached_target"] == len(reached)
 
 
+@pytest.mark.oldest_env  # See .ci/run.
 def test_step_cost_benchmark_runs(tmp_path, capsys):
   """Every step kind is timed, ratios to Adam are reported, JSON and plot are written."""
   out = tmp_path / "step_cost"
@@ -246,6 +248,7 @@ def test_step_cost_takes_a_run_apart_into_plain_steps_statistics_and_refreshes()
   assert parts["refreshes_and_rest"] == pytest.approx((22 / 6 - 2) / 0.5)
 
 
+@pytest.mark.oldest_env  # See .ci/run.
 def test_inverse_methods_benchmark_runs(tmp_path, capsys):
   """Every inverse method is timed and checked against the exact inverse; the warm-start drift
   of real factors is measured; JSON and plot are written."""

@@ -41,6 +41,7 @@ def test_defaults_sweep_runs_and_writes_its_outputs(tmp_path):
   assert (out / "defaults.png").stat().st_size > 0
 
 
+@pytest.mark.oldest_env  # See .ci/run.
 def test_scales_sweep_runs_both_modes_on_both_losses(tmp_path):
   out = tmp_path / "scales"
   result = defaults.main([
