@@ -359,6 +359,7 @@ def test_stretch_target_is_the_middle_optimizers_best_and_not_all_reach_it():
   assert summary["c"]["reached_stretch"] == 1 and summary["c"]["steps_to_stretch"] == 20
 
 
+@pytest.mark.oldest_env  # See .ci/run.
 def test_attention_blocks_benchmark_compares_one_block_with_one_per_head(tmp_path, capsys):
   """The per-head arm is the same function with each head's projections a layer of their own,
   its statistics are per head, the fallback arm leaves out exactly the projections, and the
