@@ -444,6 +444,9 @@ def run_task(
   if tune_budget is not None:
     val = validation_split(dataset, task.held_out_examples, task.train_eval_examples)
     for name in names:
+      if name not in task.grid:  # TKFAC's defaults: raced as they are, never tuned.
+        tuning[name] = {"chosen": hparams[name], "chosen_by": "not tuned: the library's defaults"}
+        continue
       tuning[name] = tune(task, name, val, tune_budget, max_steps, progress, evaluate)
       hparams[name] = tuning[name]["chosen"]
       log(f"{task.name}: {name} tuned to " + ", ".join(

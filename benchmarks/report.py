@@ -6,9 +6,9 @@ import pathlib
 from typing import Any
 
 LABELS = {"tkfac": "TKFAC", "kfac": "K-FAC", "kfac_jax": "kfac-jax", "muon": "Muon", "adam": "Adam",
-          "sgd": "SGD"}
+          "sgd": "SGD", "tkfac_defaults": "TKFAC defaults"}
 COLORS = {"tkfac": "tab:blue", "kfac": "tab:orange", "kfac_jax": "tab:green", "adam": "tab:red",
-          "sgd": "tab:purple", "muon": "tab:brown"}
+          "sgd": "tab:purple", "muon": "tab:brown", "tkfac_defaults": "tab:cyan"}
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -182,53 +182,66 @@ def _reached(task: dict[str, Any], name: str) -> bool:
   return "error" not in s and bool(s.get("reached_target"))
 
 
+# Whose times the verdict gives: TKFAC as run (tuned, when tuning), and the library's defaults
+# where a tuned run raced them too.
+SUBJECTS = ("tkfac", "tkfac_defaults")
+
+
+def _subject_line(task: dict[str, Any], subject: str, present: list[str]) -> str:
+  summary = task["summary"]
+  metric = task["metric"].replace("_", " ")
+  target = task["target"]["value"]
+  sign = "≥" if task["metric"].endswith("accuracy") else "≤"
+  mine, who = summary[subject], LABELS[subject]
+  if _reached(task, subject):
+    parts = []
+    for b in present:
+      if _reached(task, b):
+        ratio = mine["seconds_to_target"] / summary[b]["seconds_to_target"]
+        parts.append(f"{ratio:.2f}× {LABELS[b]}'s")
+      else:
+        parts.append(f"{LABELS[b]} did not reach it")
+    return (f"{who} reached {metric} {sign} {target:g} in {mine['seconds_to_target']:.3g} s: "
+            + "; ".join(parts))
+  reached = [f"{LABELS[b]} in {summary[b]['seconds_to_target']:.3g} s" for b in present
+             if _reached(task, b)]
+  return (f"{who} did not reach {metric} {sign} {target:g} "
+          + ("(" + ", ".join(reached) + " did)" if reached else "(nor did the others)"))
+
+
 def verdict(report: dict[str, Any]) -> list[str]:
   """Per task and batch size, one line: TKFAC's time to the fixed target against Adam's, Muon's
-  and kfac-jax's (medians over seeds, from this run), and the best values within the budget; then
-  a count of where TKFAC got there first."""
-  lines, sooner, cells = [], 0, 0
+  and kfac-jax's (medians over seeds, from this run), and the best values within the budget (and
+  the same for the library's defaults where they ran beside TKFAC tuned); then, per subject, a
+  count of where it got there before Adam."""
+  lines = []
+  sooner = {s: 0 for s in SUBJECTS}
+  cells = {s: 0 for s in SUBJECTS}
   for task in report["tasks"]:
     summary = task["summary"]
-    if "tkfac" not in summary or "error" in summary["tkfac"]:
+    subjects = [s for s in SUBJECTS if s in summary and "error" not in summary[s]]
+    if not subjects:
       continue
-    metric = task["metric"].replace("_", " ")
-    target = task["target"].get("value")
-    sign = "≥" if task["metric"].endswith("accuracy") else "≤"
-    fmt = _best_format(task["metric"])
-    present = [b for b in VERDICT_BASELINES if b in summary and "error" not in summary[b]]
     head = f"{task['task']}, batch {task['batch_size']}: "
-    mine = summary["tkfac"]
-    bests = ", ".join(f"{LABELS[b]} {_num(summary[b]['best'], fmt)}" for b in present)
-    if target is None:
+    if task["target"].get("value") is None:
       lines.append(head + "no target (no run trained).")
       continue
-    if _reached(task, "tkfac"):
-      parts = []
-      for b in present:
-        if _reached(task, b):
-          ratio = mine["seconds_to_target"] / summary[b]["seconds_to_target"]
-          parts.append(f"{ratio:.2f}× {LABELS[b]}'s")
-        else:
-          parts.append(f"{LABELS[b]} did not reach it")
-      text = (f"TKFAC reached {metric} {sign} {target:g} in {mine['seconds_to_target']:.3g} s: "
-              + "; ".join(parts))
-    else:
-      reached = [f"{LABELS[b]} in {summary[b]['seconds_to_target']:.3g} s" for b in present
-                 if _reached(task, b)]
-      text = (f"TKFAC did not reach {metric} {sign} {target:g} "
-              + ("(" + ", ".join(reached) + " did)" if reached else "(nor did the others)"))
-    text += f". Best within the budget: TKFAC {_num(mine['best'], fmt)}" + (
-        f", {bests}." if bests else ".")
-    lines.append(head + text)
+    fmt = _best_format(task["metric"])
+    present = [b for b in VERDICT_BASELINES if b in summary and "error" not in summary[b]]
+    text = ". ".join(_subject_line(task, s, present) for s in subjects)
+    bests = ", ".join(f"{LABELS[b]} {_num(summary[b]['best'], fmt)}" for b in [*subjects, *present])
+    lines.append(head + text + f". Best within the budget: {bests}.")
     if "adam" in present:
-      cells += 1
-      if _reached(task, "tkfac") and (
-          not _reached(task, "adam")
-          or mine["seconds_to_target"] < summary["adam"]["seconds_to_target"]):
-        sooner += 1
-  if cells:
-    lines.append(f"Verdict: TKFAC reached the target sooner than Adam in {sooner} of {cells} "
-                 "task and batch size pairs of this run.")
+      for s in subjects:
+        cells[s] += 1
+        if _reached(task, s) and (
+            not _reached(task, "adam")
+            or summary[s]["seconds_to_target"] < summary["adam"]["seconds_to_target"]):
+          sooner[s] += 1
+  for s in SUBJECTS:
+    if cells[s]:
+      lines.append(f"Verdict: {LABELS[s]} reached the target sooner than Adam in {sooner[s]} of "
+                   f"{cells[s]} task and batch size pairs of this run.")
   return lines
 
 
@@ -237,7 +250,11 @@ def plot_verdict(report: dict[str, Any], path: pathlib.Path, title: str) -> bool
   scale; below 1: TKFAC first; where one of the two missed the target, a mark says which).
   Bottom: each method's best value within the budget against the target, in % of the target
   (above 0: past it). Returns whether there was anything to plot."""
-  tasks = [t for t in report["tasks"] if "tkfac" in t["summary"] and t["target"].get("value")]
+  def subject(task):  # TKFAC as run; the library's defaults where they ran alone.
+    return next((s for s in SUBJECTS if s in task["summary"]
+                 and "error" not in task["summary"][s]), None)
+
+  tasks = [t for t in report["tasks"] if subject(t) and t["target"].get("value")]
   baselines = [b for b in VERDICT_BASELINES
                if any(b in t["summary"] and "error" not in t["summary"][b] for t in tasks)]
   if not tasks or not baselines:
@@ -257,34 +274,35 @@ def plot_verdict(report: dict[str, Any], path: pathlib.Path, title: str) -> bool
       x = i + (j - (len(baselines) - 1) / 2) * width
       if base not in task["summary"] or "error" in task["summary"][base]:
         continue
-      if _reached(task, "tkfac") and _reached(task, base):
-        ratio = (task["summary"]["tkfac"]["seconds_to_target"]
+      if _reached(task, subject(task)) and _reached(task, base):
+        ratio = (task["summary"][subject(task)]["seconds_to_target"]
                  / task["summary"][base]["seconds_to_target"])
         # From 1 (a tie) up or down: on a log scale a bar from the axis would hide the ratio.
         top.bar(x, ratio - 1.0, width, bottom=1.0, color=COLORS.get(base))
         top.annotate(f"{ratio:.2f}", (x, ratio), ha="center",
                      va="bottom" if ratio >= 1 else "top", fontsize=7)
         drawn.append(ratio)
-      elif _reached(task, "tkfac"):
+      elif _reached(task, subject(task)):
         top.annotate(f"{LABELS[base]}\nmissed", (x, 1.0), ha="center", va="center",
                      fontsize=6, color=COLORS.get(base))
   for i, task in enumerate(tasks):
-    if not _reached(task, "tkfac"):
-      top.annotate("TKFAC did not\nreach the target", (i, 1.0), ha="center", va="center",
-                   fontsize=7, color=COLORS["tkfac"])
+    if not _reached(task, subject(task)):
+      top.annotate(f"{LABELS[subject(task)]} did not\nreach the target", (i, 1.0), ha="center",
+                   va="center", fontsize=7, color=COLORS[subject(task)])
   top.axhline(1.0, color="gray", linewidth=1)
   top.set_yscale("log")
   top.set_ylim(min(drawn) / 1.6, max(drawn) * 1.6)
   top.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
   top.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
   top.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-  top.set_ylabel("TKFAC's time to target\nover the other's (below 1:\nTKFAC got there first)",
+  who = " / ".join(dict.fromkeys(LABELS[subject(t)] for t in tasks))
+  top.set_ylabel(f"{who}: time to target\nover the other's (below 1:\ngot there first)",
                  fontsize=8)
   top.legend(fontsize=8, title="against", title_fontsize=8)
   top.grid(alpha=0.3, axis="y")
   top.set_title(title, fontsize=9)
 
-  methods = ["tkfac", *baselines]
+  methods = [s for s in SUBJECTS if any(s in t["summary"] for t in tasks)] + baselines
   width = 0.8 / len(methods)
   for j, name in enumerate(methods):
     for i, task in enumerate(tasks):

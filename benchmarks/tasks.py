@@ -252,7 +252,8 @@ TARGETS = {
 def _defaults(tkfac: dict[str, Any], kfac_jax: dict[str, Any], *, adam: float, sgd: float,
               kfac: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
   """Per optimizer, the settings used without --tune (K-FAC's are TKFAC's unless given)."""
-  return {"tkfac": dict(tkfac), "kfac": dict(kfac or tkfac), "kfac_jax": dict(kfac_jax),
+  return {"tkfac": dict(tkfac), "tkfac_defaults": dict(TKFAC_DEFAULTS),
+          "kfac": dict(kfac or tkfac), "kfac_jax": dict(kfac_jax),
           "muon": {"learning_rate": MUON_LEARNING_RATE, "adam_learning_rate": adam},
           "adam": {"learning_rate": adam}, "sgd": {"learning_rate": sgd}}
 

@@ -126,7 +126,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--optimizers", type=name_list(methods.OPTIMIZERS, "optimizers"),
                  default=list(methods.OPTIMIZERS),
                  help=f"'all' or comma-separated from {','.join(methods.OPTIMIZERS)} (default: "
-                 "all; kfac_jax is left out, saying why, where it cannot run)")
+                 "all; kfac_jax is left out, saying why, where it cannot run; tkfac_defaults, "
+                 "TKFAC with the library's defaults beside TKFAC tuned, only with --tune: "
+                 "without it, tkfac is the defaults)")
   p.add_argument("--batch-sizes", type=batch_list, default=list(BATCH_SIZES),
                  help="comma-separated batch sizes, each a run of every task (default: "
                  f"{','.join(map(str, BATCH_SIZES))})")
@@ -223,6 +225,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     write_outputs(full, args.out)
     return full
   names = list(args.optimizers)
+  if not args.tune and "tkfac_defaults" in names:
+    names.remove("tkfac_defaults")
+    if "tkfac" not in names:
+      names.insert(0, "tkfac")  # Untuned, TKFAC is the library's defaults.
   unavailable = methods.kfac_jax_unavailable() if "kfac_jax" in names else None
   if unavailable:
     print(f"kfac_jax left out: {unavailable}", file=sys.stderr)
