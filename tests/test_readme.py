@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tkfac_jax
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -29,33 +31,46 @@ def test_quickstart_runs_and_trains(tmp_path, capsys):
   assert losses[-1] < 0.55 * losses[0]
 
 
-def _run_block(marker, tmp_path, capsys):
-  """Runs the README's Python block that contains ``marker``, unchanged, with warnings as errors
-  (a layer that takes the fallback warns), and returns the losses it printed."""
+def _after_quickstart(marker, capsys):
+  """Runs the README's quickstart, then, in its namespace as if pasted after it, the Python block
+  that contains ``marker``, unchanged, with warnings as errors (a layer that takes the fallback
+  warns); returns the namespace and the losses the block printed."""
+  # One namespace for both, as in one Python session: the quickstart's functions see the block's
+  # new bindings (runpy would hand back a copy of the script's globals).
+  namespace = {"__name__": "__main__"}
+  exec(compile(_blocks("python")[0], "README-quickstart", "exec"), namespace)  # pylint: disable=exec-used
+  capsys.readouterr()
   block = next(b for b in _blocks("python") if marker in b)
-  script = tmp_path / "example.py"
-  script.write_text(block)
   with warnings.catch_warnings():
     warnings.simplefilter("error", UserWarning)
-    runpy.run_path(str(script), run_name="__main__")
-  return [float(v) for v in re.findall(r"loss (\d+\.\d+)", capsys.readouterr().out)]
+    exec(compile(block, f"README-{marker}", "exec"), namespace)  # pylint: disable=exec-used
+  losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", capsys.readouterr().out)]
+  return namespace, losses
 
 
-def test_transformer_example_runs_and_trains(tmp_path, capsys):
-  """The README's transformer block runs unchanged with warnings as errors (every kernel is
-  preconditioned), and its loss falls as it says."""
-  losses = _run_block("MultiHeadDotProductAttention", tmp_path, capsys)
+def test_transformer_example_continues_the_quickstart_and_trains(capsys):
+  """The README's transformer block, pasted after the quickstart as it says, runs unchanged with
+  warnings as errors (every kernel is preconditioned), and its loss falls as it says."""
+  namespace, losses = _after_quickstart("MultiHeadDotProductAttention", capsys)
   assert len(losses) == 4
+  # Every kernel and the embedding of the transformer have factors, fed by statistics.
+  layers = tkfac_jax.diagnostics(namespace["opt_state"])["layers"]
+  owners = {"/".join(k.key for k in path[:-1])
+            for path, _ in jax.tree_util.tree_flatten_with_path(namespace["params"])[0]
+            if path[-1].key in ("kernel", "embedding")}
+  assert len(owners) == 8 and owners <= set(layers), (owners, sorted(layers))
+  assert all(int(jnp.min(layers[o]["count"])) > 0 for o in owners)
   # The README says 6.04 -> 0.0008 at step 60.
   assert losses[-1] < 0.01 * losses[0]
 
 
-def test_nnx_quickstart_runs_and_trains(tmp_path, capsys):
-  """The README's NNX quickstart runs unchanged with warnings as errors, and trains as it says."""
+def test_nnx_example_continues_the_quickstart_and_trains(capsys):
+  """The README's NNX block, pasted after the quickstart as it says, runs unchanged with warnings
+  as errors, and trains as it says."""
   nnx = pytest.importorskip("flax.nnx", exc_type=ImportError)
   if not hasattr(nnx, "iter_modules"):
     pytest.skip("tkfac_jax.nnx needs flax >= 0.12")
-  losses = _run_block("nnx.Optimizer", tmp_path, capsys)
+  _, losses = _after_quickstart("nnx.Optimizer", capsys)
   assert len(losses) == 5
   # The README says 2.52 -> 1.17; Adam (1e-3) in the same loop reaches 1.92.
   assert losses[-1] < 0.55 * losses[0]

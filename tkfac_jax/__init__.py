@@ -1,4 +1,30 @@
-"""tkfac_jax: TKFAC, a trace-restricted Kronecker-factored natural-gradient optimizer for Flax."""
+"""tkfac_jax: TKFAC, a trace-restricted Kronecker-factored natural-gradient optimizer for Flax.
+
+The optimizer is :func:`tkfac` (or :func:`scale_by_tkfac` for ``optax.chain``); the statistics
+come from :func:`value_grad_and_stats` (linen) or :func:`tkfac_jax.nnx.value_grad_and_stats`
+(NNX) inside the user's jitted train step. Each has its arguments in its docstring.
+
+Which layers are preconditioned, and the shape of each one's Fisher block:
+
+- ``nn.Dense`` / ``nnx.Linear``: ``[W; b]``, ``(d_in + 1) x d_out``. Inputs with extra axes
+  (``[B, T, d]``) give one location per position.
+- ``nn.DenseGeneral`` / ``nnx.LinearGeneral`` (attention's query, key, value and output
+  projections): the input axes flattened by the output axes flattened, one block over all heads.
+  Several output axes need a bias, which tells the optimizer which kernel axes are outputs; no
+  ``batch_dims``.
+- ``nn.Conv`` / ``nnx.Conv`` (1-D, 2-D, 3-D): ``(taps * c_in + 1) x c_out``, any padding,
+  strides and dilation; one location per output position (K-FAC's KFC).
+- ``nn.Embed`` / ``nnx.Embed``: a diagonal input factor (the per-token count, kept as a vector)
+  by ``features``.
+- Stacks: ``nn.scan`` (and ``nnx.vmap``-made layers applied with ``nnx.scan``) get one set of
+  factors per layer; ``nn.remat`` / ``jax.checkpoint`` blocks are captured as without remat. A
+  stack without biases needs ``stacked={"<its path in params>": 1}``.
+
+Every other parameter (norms; grouped, depthwise or masked convolutions, ``nn.ConvTranspose``,
+``Embed.attend``, stacks applied with ``nn.vmap``, custom modules) takes the fallback update; a
+layer that the loss applies but that cannot be captured is listed in ``Statistics.skipped``, with
+one warning. A model called under ``jax.vmap`` one example at a time raises.
+"""
 
 from tkfac_jax._alias import tkfac
 from tkfac_jax._capture import Statistics
