@@ -320,7 +320,7 @@ def write_outputs(full: dict[str, Any], out: pathlib.Path) -> None:
   plots = [report.plot_name(r) for r in full["tasks"]]
   datasets = ", ".join(dict.fromkeys(r.get("dataset", full["dataset"]) for r in full["tasks"]))
   if report.plot_verdict(full, out / "verdict.png",
-                         f"TKFAC's time to target against each method's, {datasets}, "
+                         f"Time to the fixed target against each method's, {datasets}, "
                          f"{full['budget']} budget\n{machine_line}"):
     plots.append("verdict.png")
   print(f"\nwrote {out}/results.json, results.md and " + ", ".join(plots)
