@@ -29,10 +29,9 @@ import optax
 import tkfac_jax
 from benchmarks import tasks
 
-OPTIMIZERS = ("tkfac", "kfac", "kfac_jax", "muon", "adam", "sgd", "tkfac_defaults")
 # TKFAC as tuned (``tkfac``) and, only beside it when tuning, with the library's defaults untouched
-# (``tkfac_defaults``, never tuned): what a user who does not tune gets.
-UNTUNED = ("tkfac_defaults",)
+# (``tkfac_defaults``, never tuned: it has no grid): what a user who does not tune gets.
+OPTIMIZERS = ("tkfac", "kfac", "kfac_jax", "muon", "adam", "sgd", "tkfac_defaults")
 SECOND_ORDER = ("tkfac", "kfac", "kfac_jax", "tkfac_defaults")
 MOMENTUM = 0.9
 INVERSE_EVERY = 10  # kfac-jax's inverse period (TKFAC's cadence is in its hparams).

@@ -227,8 +227,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   names = list(args.optimizers)
   if not args.tune and "tkfac_defaults" in names:
     names.remove("tkfac_defaults")
-    if "tkfac" not in names:
-      names.insert(0, "tkfac")  # Untuned, TKFAC is the library's defaults.
+    if "tkfac" not in names:  # Asked for by name: say what runs instead.
+      print("tkfac_defaults runs as tkfac: without --tune, tkfac is the library's defaults",
+            file=sys.stderr)
+      names.insert(0, "tkfac")
   unavailable = methods.kfac_jax_unavailable() if "kfac_jax" in names else None
   if unavailable:
     print(f"kfac_jax left out: {unavailable}", file=sys.stderr)

@@ -31,15 +31,21 @@ def test_quickstart_runs_and_trains(tmp_path, capsys):
   assert losses[-1] < 0.55 * losses[0]
 
 
-def _after_quickstart(marker, capsys):
-  """Runs the README's quickstart, then, in its namespace as if pasted after it, the Python block
-  that contains ``marker``, unchanged, with warnings as errors (a layer that takes the fallback
-  warns); returns the namespace and the losses the block printed."""
-  # One namespace for both, as in one Python session: the quickstart's functions see the block's
-  # new bindings (runpy would hand back a copy of the script's globals).
+def _quickstart(capsys):
+  """The namespace of the README's quickstart, run as in a Python session: the blocks pasted
+  after it run in the same one, so that its functions see their new bindings (runpy would hand
+  back a copy of the script's globals)."""
   namespace = {"__name__": "__main__"}
   exec(compile(_blocks("python")[0], "README-quickstart", "exec"), namespace)  # pylint: disable=exec-used
   capsys.readouterr()
+  return namespace
+
+
+def _after_quickstart(marker, capsys):
+  """Runs the README's quickstart, then, as if pasted after it, the Python block that contains
+  ``marker``, unchanged, with warnings as errors (a layer that takes the fallback warns); returns
+  the namespace and the losses the block printed."""
+  namespace = _quickstart(capsys)
   block = next(b for b in _blocks("python") if marker in b)
   with warnings.catch_warnings():
     warnings.simplefilter("error", UserWarning)
@@ -85,12 +91,10 @@ def test_ci_runs_the_readme_test_command():
   assert "$TEST_COMMAND" in ci
 
 
-def test_sharded_example_continues_the_quickstart_on_eight_devices(tmp_path, capsys):
+def test_sharded_example_continues_the_quickstart_on_eight_devices(capsys):
   """The README's data-parallel block, pasted after the quickstart as it says, runs unchanged on
   the 8 test devices, and its ten steps equal the same ten steps on one device."""
-  script = tmp_path / "quickstart.py"
-  script.write_text(_blocks("python")[0])
-  namespace = runpy.run_path(str(script), run_name="__main__")
+  namespace = _quickstart(capsys)
   # The reference: the quickstart's train_step continued on one device (copies: it donates).
   params, opt_state = jax.tree.map(jnp.copy, (namespace["params"], namespace["opt_state"]))
   for _ in range(10):
