@@ -76,8 +76,16 @@ def test_nnx_example_continues_the_quickstart_and_trains(capsys):
   nnx = pytest.importorskip("flax.nnx", exc_type=ImportError)
   if not hasattr(nnx, "iter_modules"):
     pytest.skip("tkfac_jax.nnx needs flax >= 0.12")
-  _, losses = _after_quickstart("nnx.Optimizer", capsys)
+  namespace, losses = _after_quickstart("nnx.Optimizer", capsys)
   assert len(losses) == 5
+  # Both of the Sequential's Linear layers have factors, fed by statistics.
+  paths = [[str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+           for path, _ in jax.tree_util.tree_flatten_with_path(
+               nnx.state(namespace["model"], nnx.Param))[0]]
+  kernels = {"/".join(p[:p.index("kernel")]) for p in paths if "kernel" in p}
+  layers = tkfac_jax.diagnostics(namespace["optimizer"].opt_state)["layers"]
+  assert len(kernels) == 2 and kernels <= set(layers), (kernels, sorted(layers))
+  assert all(int(jnp.min(jnp.asarray(layers[k]["count"]))) > 0 for k in kernels)
   # The README says 2.52 -> 1.17; Adam (1e-3) in the same loop reaches 1.92.
   assert losses[-1] < 0.55 * losses[0]
 
@@ -108,3 +116,27 @@ def test_sharded_example_continues_the_quickstart_on_eight_devices(capsys):
   flat, ref = (jnp.concatenate([v.ravel() for v in jax.tree.leaves(t)])
                for t in (namespace["params"], params))
   assert float(jnp.linalg.norm(flat - ref)) <= 1e-5 * float(jnp.linalg.norm(ref))
+
+
+def _github_anchor(heading):
+  """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to '-'."""
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("document", ["README.md", "benchmarks/README.md"])
+def test_local_links_resolve(document):
+  """Every relative link in the READMEs names a file of the repository, and every #anchor one of
+  its headings (a renamed section must not leave the verdict's links pointing nowhere)."""
+  path = ROOT / document
+  text = path.read_text()
+  links = re.findall(r"\]\(([^)\s]+)\)", text)
+  local = [link for link in links if not re.match(r"[a-z]+://", link)]
+  assert local, "no relative links found: the pattern is wrong"
+  for link in local:
+    target, _, anchor = link.partition("#")
+    target_path = (path.parent / target).resolve() if target else path
+    assert target_path.exists(), f"{document}: link {link!r} names no file"
+    if anchor:
+      headings = re.findall(r"^#+ (.+)$", target_path.read_text(), flags=re.M)
+      assert anchor in {_github_anchor(h) for h in headings}, (
+          f"{document}: link {link!r} names no heading of {target_path.relative_to(ROOT)}")

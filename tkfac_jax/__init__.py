@@ -24,6 +24,30 @@ Every other parameter (norms; grouped, depthwise or masked convolutions, ``nn.Co
 ``Embed.attend``, stacks applied with ``nn.vmap``, custom modules) takes the fallback update; a
 layer that the loss applies but that cannot be captured is listed in ``Statistics.skipped``, with
 one warning. A model called under ``jax.vmap`` one example at a time raises.
+
+Recipes:
+
+- Tuning: with the defaults the KL clip sets the step; tune ``kl_clip`` (1e-6 per parameter) and
+  ``damping`` (relative to each block's mean eigenvalue, 10) before ``learning_rate``. The paper's
+  configuration: ``tkfac(lr, damping=1e-2, conv_damping_floor=nu, scale_invariant=False,
+  kl_clip=1e-4, stats_every=1, inverse_every=10)``. Under ``optax.inject_hyperparams``, pass
+  ``static_args=("inverse_every",)``.
+- The loss given to :func:`value_grad_and_stats` is the batch mean (or any constant multiple, such
+  as a sum over positions). With BatchNorm, return ``(loss, new_batch_stats)`` with
+  ``has_aux=True``. For the sampled Fisher (``fisher="sampled"``), compute the loss with
+  :func:`softmax_cross_entropy`, :func:`sigmoid_binary_cross_entropy` or :func:`squared_error`
+  and pass a new ``fisher_key=`` every step.
+- :func:`scale_by_tkfac` is the preconditioner alone, for ``optax.chain``; its ``update(...,
+  stats=None)`` steps with the curvature already in the state.
+- Gradient accumulation: :func:`multi_steps` replaces ``optax.MultiSteps`` (which keeps only the
+  last micro-batch's statistics). :class:`TrainState` steps with ``state.apply_gradients(grads=...,
+  stats=...)``. Under ``optax.partition`` / ``optax.masked``, TKFAC uses only its part's
+  statistics.
+- The state is a pytree of arrays: Orbax and ``flax.serialization`` restore it and the run
+  continues exactly. :func:`diagnostics` gives per-layer traces, damping and condition numbers.
+  Factors are float32 unless ``dtype=`` says otherwise.
+- Statistics with NaN or Inf are skipped, and a factor that is not positive definite keeps its
+  previous inverse; for a non-finite *gradient*, wrap the optimizer in ``optax.apply_if_finite``.
 """
 
 from tkfac_jax._alias import tkfac
