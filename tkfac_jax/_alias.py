@@ -49,13 +49,13 @@ def tkfac(
   The defaults (statistics every 10 steps, inverses every 100, a relative ``damping`` of 10,
   ``kl_clip=1e-6`` per parameter, scale-invariant) come from a sweep scored on the wall-clock time
   to Adam's best held-out value, on an MLP, a CNN and an autoencoder at batch sizes 128 and 1024
-  (``benchmarks/defaults.py``; the README gives the figures, including where Adam stays ahead). The
-  step does not depend on the loss's scale: a loss summed over pixels, tokens or the batch trains as
-  its mean does. At the learning rate the benchmark uses (0.3) the clip binds on most steps, so the
-  step is set by ``kl_clip`` more than by the learning rate: ``sqrt(kl_clip)`` is the root mean
-  square of a step where the curvature is isotropic. The paper's maths, with its absolute damping,
-  is ``scale_invariant=False``; its former defaults here were ``damping=1e-2``, ``kl_clip=1e-4``,
-  ``stats_every=1`` and ``inverse_every=10``.
+  (``benchmarks/defaults.py``; ``benchmarks/README.md`` gives the figures, including where Adam
+  stays ahead). The step does not depend on the loss's scale: a loss summed over pixels, tokens or
+  the batch trains as its mean does. At the learning rate the benchmark uses (0.3) the clip binds
+  on most steps, so the step is set by ``kl_clip`` more than by the learning rate:
+  ``sqrt(kl_clip)`` is the root mean square of a step where the curvature is isotropic. The
+  paper's maths, with its absolute damping, is ``scale_invariant=False``; its former defaults here
+  were ``damping=1e-2``, ``kl_clip=1e-4``, ``stats_every=1`` and ``inverse_every=10``.
 
   Args:
     learning_rate: a float or an Optax schedule.
