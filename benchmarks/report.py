@@ -305,6 +305,7 @@ def plot_verdict(report: dict[str, Any], path: pathlib.Path, title: str) -> bool
   methods = [s for s in SUBJECTS if any(s in t["summary"] for t in tasks)] + baselines
   width = 0.8 / len(methods)
   for j, name in enumerate(methods):
+    labelled = False  # One legend entry per method, from the first task it ran in.
     for i, task in enumerate(tasks):
       s = task["summary"].get(name, {})
       if "error" in s or s.get("best") is None:
@@ -313,7 +314,8 @@ def plot_verdict(report: dict[str, Any], path: pathlib.Path, title: str) -> bool
       higher = task["metric"].endswith("accuracy")
       past = 100 * ((s["best"] - target) if higher else (target - s["best"])) / abs(target)
       bottom.bar(i + (j - (len(methods) - 1) / 2) * width, past, width,
-                 color=COLORS.get(name), label=LABELS[name] if i == 0 else None)
+                 color=COLORS.get(name), label=None if labelled else LABELS[name])
+      labelled = True
   bottom.axhline(0.0, color="gray", linewidth=1)
   bottom.set_ylabel("best within the budget,\n% past the target", fontsize=8)
   bottom.legend(fontsize=7, ncol=len(methods))
