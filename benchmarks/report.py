@@ -104,7 +104,7 @@ def markdown(report: dict[str, Any]) -> str:
       f"Run of {report['date']} on {m['cpu']} ({m['cpu_count']} cores, jax device "
       f"{m['device']}" + (f", load average {load[0]:.1f} at the start" if load else "")
       + (f", OPENBLAS_NUM_THREADS={m['OPENBLAS_NUM_THREADS']}" if "OPENBLAS_NUM_THREADS" in m
-         else "") + f"); {versions}.",
+         else "") + (f", {m['platform']}" if m.get("platform") else "") + f"); {versions}.",
       f"Data: {report['dataset']}. Command: `{report['command']}`.",
       report["notes"],
   ]

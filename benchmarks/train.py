@@ -191,16 +191,21 @@ def _read_report(path: pathlib.Path) -> dict[str, Any]:
 
 def _merged(reports: list[dict[str, Any]], paths: list[pathlib.Path]) -> dict[str, Any]:
   """One report of several runs' ``results.json``: their tasks in order, under the first one's
-  machine and versions, which every other must share (figures from different machines or
-  versions are not put side by side)."""
+  machine and versions, which every other must share (figures from different processors, core
+  counts, devices or versions are not put side by side). The operating system's build may
+  differ (virtual machines of one type, on hosts of different kernels): the report names each."""
   full = dict(reports[0])
+  # Not the machine's identity: its load when the run started, and its kernel's build.
+  loose = ("load_average", "platform")
   for path, other in zip(paths[1:], reports[1:]):
     for key in ("machine", "versions"):
-      mine = {k: v for k, v in full[key].items() if k != "load_average"}
-      theirs = {k: v for k, v in other[key].items() if k != "load_average"}
+      mine = {k: v for k, v in full[key].items() if k not in loose}
+      theirs = {k: v for k, v in other[key].items() if k not in loose}
       if mine != theirs:
         raise SystemExit(f"--rescore: {path} was run with another {key} than {paths[0]}: "
                          f"{theirs} against {mine}; rescore it on its own.")
+  platforms = dict.fromkeys(str(r["machine"].get("platform")) for r in reports)
+  full["machine"] = {**full["machine"], "platform": " / ".join(platforms)}
   full["tasks"] = [{"dataset": r["dataset"], **task} for r in reports for task in r["tasks"]]
   for key, join in (("date", ", "), ("command", "`; `"), ("dataset", ", ")):
     full[key] = join.join(dict.fromkeys(str(r[key]) for r in reports))

@@ -101,6 +101,12 @@ def test_every_optimizer_at_two_batch_sizes_against_a_fixed_target(tmp_path, cap
   assert [t["batch_size"] for t in both["tasks"]] == [16, 32, 16]
   assert "--batch-sizes 16" in both["command"] and "--batch-sizes 16,32" in both["command"]
   assert (tmp_path / "both" / "verdict.png").stat().st_size > 0
+  # A virtual machine of the same type on a host of another kernel build: merged, both named.
+  other["machine"] = {**other["machine"], "platform": "Linux-another-kernel"}
+  (tmp_path / "other.json").write_text(json.dumps(other))
+  both = train.main(["--rescore", str(out / "results.json"), str(tmp_path / "other.json"),
+                     "--out", str(tmp_path / "both")])
+  assert both["machine"]["platform"].endswith(" / Linux-another-kernel")
   other["machine"] = {**other["machine"], "cpu": "another processor"}
   (tmp_path / "other.json").write_text(json.dumps(other))
   with pytest.raises(SystemExit, match="other.json was run with another machine"):
