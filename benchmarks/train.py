@@ -204,7 +204,8 @@ def _merged(reports: list[dict[str, Any]], paths: list[pathlib.Path]) -> dict[st
       if mine != theirs:
         raise SystemExit(f"--rescore: {path} was run with another {key} than {paths[0]}: "
                          f"{theirs} against {mine}; rescore it on its own.")
-  platforms = dict.fromkeys(str(r["machine"].get("platform")) for r in reports)
+  platforms = dict.fromkeys(r["machine"]["platform"] for r in reports
+                            if r["machine"].get("platform"))
   full["machine"] = {**full["machine"], "platform": " / ".join(platforms)}
   full["tasks"] = [{"dataset": r["dataset"], **task} for r in reports for task in r["tasks"]]
   for key, join in (("date", ", "), ("command", "`; `"), ("dataset", ", ")):

@@ -54,18 +54,25 @@ def _after_quickstart(marker, capsys):
   return namespace, losses
 
 
+def _assert_statistics_feed_every_layer(params, opt_state, expected):
+  """Every layer of ``params`` with a kernel or an embedding (``expected`` of them) has factors in
+  ``opt_state``, and those factors have taken statistics: none took the fallback silently."""
+  paths = [[str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+           for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  owners = {"/".join(p[:i]) for p in paths for i, k in enumerate(p)
+            if k in ("kernel", "embedding")}
+  layers = tkfac_jax.diagnostics(opt_state)["layers"]
+  assert len(owners) == expected and owners <= set(layers), (owners, sorted(layers))
+  assert all(int(jnp.min(jnp.asarray(layers[o]["count"]))) > 0 for o in owners)
+
+
 def test_transformer_example_continues_the_quickstart_and_trains(capsys):
   """The README's transformer block, pasted after the quickstart as it says, runs unchanged with
   warnings as errors (every kernel is preconditioned), and its loss falls as it says."""
   namespace, losses = _after_quickstart("MultiHeadDotProductAttention", capsys)
   assert len(losses) == 4
   # Every kernel and the embedding of the transformer have factors, fed by statistics.
-  layers = tkfac_jax.diagnostics(namespace["opt_state"])["layers"]
-  owners = {"/".join(k.key for k in path[:-1])
-            for path, _ in jax.tree_util.tree_flatten_with_path(namespace["params"])[0]
-            if path[-1].key in ("kernel", "embedding")}
-  assert len(owners) == 8 and owners <= set(layers), (owners, sorted(layers))
-  assert all(int(jnp.min(layers[o]["count"])) > 0 for o in owners)
+  _assert_statistics_feed_every_layer(namespace["params"], namespace["opt_state"], 8)
   # The README says 6.04 -> 0.0008 at step 60.
   assert losses[-1] < 0.01 * losses[0]
 
@@ -79,13 +86,8 @@ def test_nnx_example_continues_the_quickstart_and_trains(capsys):
   namespace, losses = _after_quickstart("nnx.Optimizer", capsys)
   assert len(losses) == 5
   # Both of the Sequential's Linear layers have factors, fed by statistics.
-  paths = [[str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-           for path, _ in jax.tree_util.tree_flatten_with_path(
-               nnx.state(namespace["model"], nnx.Param))[0]]
-  kernels = {"/".join(p[:p.index("kernel")]) for p in paths if "kernel" in p}
-  layers = tkfac_jax.diagnostics(namespace["optimizer"].opt_state)["layers"]
-  assert len(kernels) == 2 and kernels <= set(layers), (kernels, sorted(layers))
-  assert all(int(jnp.min(jnp.asarray(layers[k]["count"]))) > 0 for k in kernels)
+  _assert_statistics_feed_every_layer(nnx.state(namespace["model"], nnx.Param),
+                                      namespace["optimizer"].opt_state, 2)
   # The README says 2.52 -> 1.17; Adam (1e-3) in the same loop reaches 1.92.
   assert losses[-1] < 0.55 * losses[0]
 
