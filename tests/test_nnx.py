@@ -23,7 +23,7 @@ import tkfac_jax
 nnx = pytest.importorskip("flax.nnx", reason="flax.nnx does not import with this flax and jax",
                          exc_type=ImportError)
 if not hasattr(nnx, "iter_modules"):
-  pytest.skip(f"tkfac_jax.nnx needs flax >= 0.12 (this is {flax.__version__})",
+  pytest.skip(f"tkfac_jax.nnx needs flax >= 0.12.2 (this is {flax.__version__})",
               allow_module_level=True)
 
 BATCH = 8

@@ -82,7 +82,7 @@ def test_nnx_example_continues_the_quickstart_and_trains(capsys):
   as errors, and trains as it says."""
   nnx = pytest.importorskip("flax.nnx", exc_type=ImportError)
   if not hasattr(nnx, "iter_modules"):
-    pytest.skip("tkfac_jax.nnx needs flax >= 0.12")
+    pytest.skip("tkfac_jax.nnx needs flax >= 0.12.2")
   namespace, losses = _after_quickstart("nnx.Optimizer", capsys)
   assert len(losses) == 5
   # Both of the Sequential's Linear layers have factors, fed by statistics.

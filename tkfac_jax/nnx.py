@@ -189,7 +189,7 @@ def value_grad_and_stats(
   """
   if not hasattr(nnx, "iter_modules"):
     raise ImportError(
-        f"tkfac_jax.nnx needs flax >= 0.12 (nnx.iter_modules, and nnx.Optimizer's "
+        f"tkfac_jax.nnx needs flax >= 0.12.2 (nnx.iter_modules, and nnx.Optimizer's "
         f"update(model, grads)); this is flax {flax.__version__}. Upgrade flax, or use the linen "
         "API, tkfac_jax.value_grad_and_stats."
     )
