@@ -299,7 +299,7 @@ def _create(name: str, dataset: data.Dataset) -> Task:
         # 2.8M-parameter network on more would cost more than the runs.
         held_out_examples=1000,
         train_eval_examples=2000,
-        # What --tune chose on Fashion-MNIST (the README's full runs of 2026-11-24).
+        # What --tune chose on Fashion-MNIST (the full runs of 2026-11-24 in benchmarks/README.md).
         defaults=_defaults(TKFAC_DEFAULTS, dict(learning_rate=1e-3, damping=1e-1), adam=1e-3,
                            sgd=0.001),
         grid=_grids(_KFAC_JAX_SUMMED_GRID, adam=(3e-4, 1e-3, 3e-3), sgd=(0.001, 0.003, 0.01),
@@ -319,7 +319,7 @@ def _create(name: str, dataset: data.Dataset) -> Task:
         conv_damping_floor=None,
         budgets={"quick": Budget(8.0), "full": Budget(30.0)},
         held_out_examples=None,
-        # What --tune chose on Fashion-MNIST (the README's full runs of 2026-11-24).
+        # What --tune chose on Fashion-MNIST (the full runs of 2026-11-24 in benchmarks/README.md).
         defaults=_defaults(TKFAC_DEFAULTS, dict(learning_rate=1e-3, damping=1e-3), adam=1e-3,
                            sgd=0.03),
         grid=_grids(_KFAC_JAX_GRID, adam=(3e-4, 1e-3, 3e-3), sgd=(0.01, 0.03, 0.1),
@@ -340,7 +340,7 @@ def _create(name: str, dataset: data.Dataset) -> Task:
         conv_damping_floor=1e-2,  # The paper's damping for convolutions.
         budgets={"quick": Budget(10.0), "full": Budget(45.0)},
         held_out_examples=None,
-        # What --tune chose on Fashion-MNIST (the README's full runs of 2026-11-24).
+        # What --tune chose on Fashion-MNIST (the full runs of 2026-11-24 in benchmarks/README.md).
         defaults=_defaults(TKFAC_DEFAULTS, dict(learning_rate=0.003, damping=1e-2), adam=3e-3,
                            sgd=0.1),
         grid=_grids(_KFAC_JAX_GRID, adam=(1e-3, 3e-3, 1e-2), sgd=(0.01, 0.03, 0.1),
