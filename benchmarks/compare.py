@@ -449,8 +449,12 @@ def run_task(
         continue
       tuning[name] = tune(task, name, val, tune_budget, max_steps, progress, evaluate)
       hparams[name] = tuning[name]["chosen"]
-      log(f"{task.name}: {name} tuned to " + ", ".join(
-          f"{k} {report.setting(v)}" for k, v in hparams[name].items()))
+      settings = ", ".join(f"{k} {report.setting(v)}" for k, v in hparams[name].items())
+      if tuning[name]["chosen_by"].startswith("defaults"):
+        log(f"{task.name}: {name} not tuned, every grid point failed or diverged; its defaults "
+            f"{settings}")
+      else:
+        log(f"{task.name}: {name} tuned to {settings}")
   split = final_split(dataset, task.held_out_examples, task.train_eval_examples)
   runs = []
   for seed in range(seeds):

@@ -359,6 +359,23 @@ def test_kl_clip_from_the_grid_reaches_the_optimizer(tmp_path):
   assert 0 < moved[1e-12] < 1e-4 * moved[1e-2]
 
 
+def test_a_grid_where_every_point_fails_races_the_defaults_and_says_so(tmp_path):
+  """When no grid point trains (here a learning rate of NaN diverges at once), the run keeps the
+  task's defaults and its log says so, rather than naming a setting as 'tuned'."""
+  dataset = data.load(str(tmp_path))  # The bundled digits.
+  task = tasks.create("mlp", dataset, 32)
+  task = dataclasses.replace(task, grid={**task.grid, "sgd": {"learning_rate": (math.nan,)}})
+  lines = []
+  result = compare.run_task(task, dataset, ["sgd"], tasks.Budget(0.3, 2), 1,
+                            tasks.Budget(0.3, 2, early=0, resolution=None), 3, progress=False,
+                            log=lines.append)
+  tuning = result["tuning"]["sgd"]
+  assert tuning["trials"][0]["diverged"]
+  assert tuning["chosen"] == task.defaults["sgd"] == result["hparams"]["sgd"]
+  assert len(lines) == 1 and "not tuned, every grid point failed or diverged" in lines[0]
+  assert "tuned to" not in lines[0]
+
+
 def test_a_grid_may_turn_the_kl_clip_off():
   """kl_clip None (no clipping) is a setting like any other: it labels the runs and tables."""
   from benchmarks import report
