@@ -246,6 +246,10 @@ def grid_points(grid: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
   return points
 
 
+# How a tuning result says that no grid point trained, so that the run keeps the task's defaults.
+UNTUNED = "defaults: every grid point failed or diverged"
+
+
 def tune(
     task: tasks.Task,
     name: str,
@@ -278,7 +282,7 @@ def tune(
           {"test_accuracy": "best validation accuracy", "test_loss": "best validation loss"}.get(
               task.metric, "best training loss")
           + " within the tuning budget" if chosen
-          else "defaults: every grid point failed or diverged"
+          else UNTUNED
       ),
   }
 
@@ -450,7 +454,7 @@ def run_task(
       tuning[name] = tune(task, name, val, tune_budget, max_steps, progress, evaluate)
       hparams[name] = tuning[name]["chosen"]
       settings = ", ".join(f"{k} {report.setting(v)}" for k, v in hparams[name].items())
-      if tuning[name]["chosen_by"].startswith("defaults"):
+      if tuning[name]["chosen_by"] == UNTUNED:
         log(f"{task.name}: {name} not tuned, every grid point failed or diverged; its defaults "
             f"{settings}")
       else:

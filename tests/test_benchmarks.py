@@ -372,6 +372,7 @@ def test_a_grid_where_every_point_fails_races_the_defaults_and_says_so(tmp_path)
   tuning = result["tuning"]["sgd"]
   assert tuning["trials"][0]["diverged"]
   assert tuning["chosen"] == task.defaults["sgd"] == result["hparams"]["sgd"]
+  assert tuning["chosen_by"] == compare.UNTUNED
   assert len(lines) == 1 and "not tuned, every grid point failed or diverged" in lines[0]
   assert "tuned to" not in lines[0]
 
