@@ -43,6 +43,14 @@ Recipes:
   last micro-batch's statistics). :class:`TrainState` steps with ``state.apply_gradients(grads=...,
   stats=...)``. Under ``optax.partition`` / ``optax.masked``, TKFAC uses only its part's
   statistics.
+- Several devices: shard the batch over a mesh axis and replicate the parameters and the state;
+  the train step is unchanged, and its statistics, factors and updates equal one device's on the
+  whole batch. ``tkfac(..., inverse_axis="data", mesh=mesh)`` spreads the inverses: each device
+  inverts its share of the layers and one ``psum`` shares them. Under ``jax.shard_map``,
+  ``value_grad_and_stats(loss_fn, axis_name="data")`` gives the global batch's loss, gradient and
+  statistics (one ``lax.pmean``); without ``axis_name``, the shard's own. Several hosts:
+  ``jax.distributed.initialize`` in each process, and global arrays from
+  ``jax.make_array_from_process_local_data``.
 - The state is a pytree of arrays: Orbax and ``flax.serialization`` restore it and the run
   continues exactly. :func:`diagnostics` gives per-layer traces, damping and condition numbers.
   Factors are float32 unless ``dtype=`` says otherwise.
